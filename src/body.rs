@@ -1,0 +1,598 @@
+//! The shared body: every tower-sse layer returns [`SseBody`].
+//!
+//! However many layers are stacked, each connection's bytes are parsed once.
+//! The innermost layer turns the inner service's body into an `SseBody` with
+//! one [`Parser`]; each layer further out finds an `SseBody` already (by an
+//! `Any` downcast of the owned body) and appends its [`Stage`]. Stages run in
+//! layer order, inner to outer, each pulling frames from the one below it, so
+//! a stage can pass, drop, hold or emit frames of its own (replayed history,
+//! keep-alives) and end the stream with a reason.
+//!
+//! The body owns the **point of delivery**: a frame yielded by the outermost
+//! stage runs through the interceptor chain, then moves the stream's cursor,
+//! then goes to the client. The cursor therefore never names an event the body
+//! has not yielded.
+
+use std::any::Any;
+use std::borrow::Cow;
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::{Buf, Bytes};
+use http::{HeaderMap, Response, StatusCode};
+use http_body::{Body, SizeHint};
+
+use crate::event::encode_comment;
+use crate::interceptor::{Decision, EventContext};
+use crate::parse::{Frame, ParseError, Parser};
+use crate::registry::{CloseReason, Connection, Counter, Registry};
+
+/// The error type of bodies and sources.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+type BoxBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send + 'static>>;
+
+/// What a [`Source`] yields.
+#[derive(Debug)]
+pub enum SourceItem {
+    /// Bytes of the stream.
+    Data(Bytes),
+    /// The source switched to a new upstream connection: any half-received
+    /// event of the old one is dropped, never glued to the new bytes.
+    Restart,
+}
+
+/// Where a stream's bytes come from: a response body, or a source that
+/// reconnects upstream under a live client body.
+pub trait Source: Send + 'static {
+    /// The next item; `None` at the end of the stream.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<SourceItem, BoxError>>>;
+}
+
+/// A [`Source`] reading an HTTP body.
+pub struct BodySource {
+    body: BoxBody,
+}
+
+impl BodySource {
+    /// Wraps a body.
+    pub fn new<B>(body: B) -> Self
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        BodySource { body: box_body(body) }
+    }
+}
+
+impl Source for BodySource {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<SourceItem, BoxError>>> {
+        loop {
+            return match std::task::ready!(self.body.as_mut().poll_frame(cx)) {
+                None => Poll::Ready(None),
+                Some(Err(e)) => Poll::Ready(Some(Err(e))),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => Poll::Ready(Some(Ok(SourceItem::Data(data)))),
+                    // Trailers carry no events.
+                    Err(_) => continue,
+                },
+            };
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct MapBody<B> {
+        #[pin]
+        inner: B,
+    }
+}
+
+impl<B> Body for MapBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match std::task::ready!(self.project().inner.poll_frame(cx)) {
+            None => Poll::Ready(None),
+            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            Some(Ok(frame)) => Poll::Ready(Some(Ok(
+                frame.map_data(|mut d| d.copy_to_bytes(d.remaining()))
+            ))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn box_body<B>(body: B) -> BoxBody
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    Box::pin(MapBody { inner: body })
+}
+
+/// Ends a stream on purpose, with a reason: returned as the error of a
+/// [`Stage`], it makes the body send a closing comment and end cleanly.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("stream closed ({reason}): {detail}")]
+pub struct Close {
+    /// The reason recorded for the connection.
+    pub reason: CloseReason,
+    /// A human-readable detail, sent to the client in the closing comment.
+    pub detail: Cow<'static, str>,
+}
+
+impl Close {
+    /// A close with `reason` and `detail`.
+    pub fn new(reason: CloseReason, detail: impl Into<Cow<'static, str>>) -> Self {
+        Close {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// What a stage polls for its input: the stages inside it, down to the parser.
+pub struct Below<'a> {
+    stages: &'a mut [Box<dyn Stage>],
+    base: &'a mut Base,
+    conn: Option<&'a Connection>,
+}
+
+impl Below<'_> {
+    /// Polls the next frame from below.
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, BoxError>>> {
+        match self.stages.split_last_mut() {
+            Some((last, rest)) => last.poll_frame(
+                cx,
+                &mut Below {
+                    stages: rest,
+                    base: self.base,
+                    conn: self.conn,
+                },
+            ),
+            None => self.base.poll_frame(cx),
+        }
+    }
+
+    /// The connection this body belongs to, once a layer attached one.
+    pub fn connection(&self) -> Option<&Connection> {
+        self.conn
+    }
+
+    /// The parser's last `retry` value, in milliseconds.
+    pub fn retry(&self) -> Option<u64> {
+        self.base.parser.retry()
+    }
+}
+
+/// A per-connection step of a layer, run on every frame.
+///
+/// The default passes every frame through. A stage returning
+/// `Err(Box::new(Close::new(..)))` ends the stream with that reason; any other
+/// error ends it as [`CloseReason::Error`].
+pub trait Stage: Send + 'static {
+    /// Produces the next frame, usually by polling `below`.
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        below: &mut Below<'_>,
+    ) -> Poll<Option<Result<Frame, BoxError>>> {
+        below.poll_frame(cx)
+    }
+
+    /// An event was delivered to the client (after all stages and interceptors accepted it).
+    fn on_delivered(&mut self, event: &crate::Event) {
+        let _ = event;
+    }
+
+    /// The stream ended, with the reason.
+    fn on_end(&mut self, reason: CloseReason) {
+        let _ = reason;
+    }
+}
+
+/// The parser over the source.
+pub struct Base {
+    source: Box<dyn Source>,
+    parser: Parser,
+    done: bool,
+}
+
+impl Base {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, BoxError>>> {
+        loop {
+            match self.parser.next_frame() {
+                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Some(Err(Box::new(e)))),
+            }
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match std::task::ready!(self.source.poll_next(cx)) {
+                Some(Ok(SourceItem::Data(bytes))) => self.parser.feed(bytes),
+                Some(Ok(SourceItem::Restart)) => self.parser.restart(),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => {
+                    self.parser.finish();
+                    self.done = true;
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+}
+
+enum Ending {
+    Running,
+    Error(BoxError),
+    Done,
+}
+
+struct Pipeline {
+    base: Base,
+    stages: Vec<Box<dyn Stage>>,
+    conn: Option<Connection>,
+    ending: Ending,
+}
+
+enum Kind {
+    Full(Option<Bytes>),
+    Passthrough(BoxBody),
+    Sse(Box<Pipeline>),
+}
+
+/// The body every tower-sse layer returns. See the [module docs](self).
+pub struct SseBody {
+    kind: Kind,
+}
+
+impl fmt::Debug for SseBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            Kind::Full(_) => "full",
+            Kind::Passthrough(_) => "passthrough",
+            Kind::Sse(_) => "sse",
+        };
+        f.debug_struct("SseBody").field("kind", &kind).finish()
+    }
+}
+
+impl SseBody {
+    /// A body holding `bytes`, for the answers layers give themselves (400, 409).
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        SseBody {
+            kind: Kind::Full(Some(bytes.into())),
+        }
+    }
+
+    /// An empty body.
+    pub fn empty() -> Self {
+        SseBody {
+            kind: Kind::Full(None),
+        }
+    }
+
+    /// Takes any body. An `SseBody` is returned as it is, so that stacked
+    /// layers share one parser; anything else is wrapped untouched (pass-through)
+    /// until [`SseBody::into_stream`] starts parsing it.
+    pub fn from_body<B>(body: B) -> Self
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let mut slot = Some(body);
+        if let Some(sse) = (&mut slot as &mut dyn Any)
+            .downcast_mut::<Option<SseBody>>()
+            .and_then(Option::take)
+        {
+            return sse;
+        }
+        match slot {
+            Some(body) => SseBody {
+                kind: Kind::Passthrough(box_body(body)),
+            },
+            None => SseBody::empty(),
+        }
+    }
+
+    /// A streaming body parsing `source`, counted in `registry`.
+    pub fn from_source(source: impl Source, registry: &Registry) -> Self {
+        registry.counters().add(Counter::ParsersStarted, 1);
+        SseBody {
+            kind: Kind::Sse(Box::new(Pipeline {
+                base: Base {
+                    source: Box::new(source),
+                    parser: Parser::new(registry.parser_limits()),
+                    done: false,
+                },
+                stages: Vec::new(),
+                conn: None,
+                ending: Ending::Running,
+            })),
+        }
+    }
+
+    /// Whether this body is already a parsed event stream.
+    pub fn is_stream(&self) -> bool {
+        matches!(self.kind, Kind::Sse(_))
+    }
+
+    /// Starts parsing a pass-through body as an event stream; a stream stays as it is.
+    pub fn into_stream(self, registry: &Registry) -> Self {
+        match self.kind {
+            Kind::Passthrough(body) => SseBody::from_source(BodySource { body }, registry),
+            Kind::Full(bytes) => SseBody::from_source(
+                BodySource::new(http_body_util_full(bytes.unwrap_or_default())),
+                registry,
+            ),
+            kind @ Kind::Sse(_) => SseBody { kind },
+        }
+    }
+
+    /// Appends a stage (outermost so far). Does nothing unless the body is a stream.
+    pub fn push_stage(&mut self, stage: impl Stage) {
+        if let Kind::Sse(p) = &mut self.kind {
+            p.stages.push(Box::new(stage));
+        }
+    }
+
+    /// The attached connection, if any.
+    pub fn connection(&self) -> Option<&Connection> {
+        match &self.kind {
+            Kind::Sse(p) => p.conn.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Attaches the connection whose cursor this body moves; it is closed with
+    /// the stream's end reason. A connection attached before is discarded.
+    pub fn attach(&mut self, conn: Connection) {
+        if let Kind::Sse(p) = &mut self.kind {
+            conn.set_streaming();
+            if let Some(old) = p.conn.replace(conn) {
+                old.discard();
+            }
+        }
+    }
+
+    /// Sets the parser's last event ID (the cursor a resumed stream starts from).
+    pub fn set_last_event_id(&mut self, id: Option<crate::EventId>) {
+        if let Kind::Sse(p) = &mut self.kind {
+            p.base.parser.set_last_event_id(id);
+        }
+    }
+}
+
+fn http_body_util_full(bytes: Bytes) -> impl Body<Data = Bytes, Error = std::convert::Infallible> {
+    struct Full(Option<Bytes>);
+    impl Body for Full {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.take().map(|b| Ok(http_body::Frame::data(b))))
+        }
+    }
+    Full(Some(bytes))
+}
+
+impl Pipeline {
+    fn end(&mut self, reason: CloseReason) {
+        for s in &mut self.stages {
+            s.on_end(reason);
+        }
+        if let Some(conn) = &mut self.conn {
+            conn.close(reason);
+        }
+    }
+
+    fn fail(&mut self, err: BoxError) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let (reason, detail, keep_error) = match err.downcast_ref::<Close>() {
+            Some(close) => (close.reason, close.detail.to_string(), false),
+            None => (CloseReason::Error, err.to_string(), true),
+        };
+        if let Some(conn) = &self.conn {
+            if err.is::<ParseError>() {
+                conn.registry().count(conn.stream(), Counter::ParseErrors, 1);
+            }
+            let registry = conn.registry();
+            registry
+                .interceptors()
+                .fire(registry, Some(conn.stream()), |i| i.on_error(&conn.context(), &*err));
+        }
+        tracing::debug!(%reason, error = %err, "sse stream closing");
+        self.end(reason);
+        let comment = encode_comment(&format!("tower-sse closed: {reason}: {detail}"));
+        self.ending = if keep_error {
+            Ending::Error(err)
+        } else {
+            Ending::Done
+        };
+        Poll::Ready(Some(Ok(http_body::Frame::data(comment))))
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match std::mem::replace(&mut self.ending, Ending::Done) {
+            Ending::Running => self.ending = Ending::Running,
+            Ending::Error(e) => return Poll::Ready(Some(Err(e))),
+            Ending::Done => return Poll::Ready(None),
+        }
+        loop {
+            if let Some(reason) = self.conn.as_ref().and_then(|c| c.entry().killed()) {
+                return self.fail(Box::new(Close::new(reason, "closed by the registry")));
+            }
+            let polled = match self.stages.split_last_mut() {
+                Some((top, rest)) => top.poll_frame(
+                    cx,
+                    &mut Below {
+                        stages: rest,
+                        base: &mut self.base,
+                        conn: self.conn.as_ref(),
+                    },
+                ),
+                None => self.base.poll_frame(cx),
+            };
+            let frame = match polled {
+                Poll::Pending => {
+                    if let Some(conn) = &self.conn {
+                        if conn.entry().register(cx.waker()).is_some() {
+                            continue;
+                        }
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(None) => {
+                    self.end(CloseReason::UpstreamEnded);
+                    self.ending = Ending::Done;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Some(Err(e))) => return self.fail(e),
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            match frame {
+                Frame::Other(bytes) => {
+                    if let Some(conn) = &self.conn {
+                        conn.registry()
+                            .count(conn.stream(), Counter::BytesDelivered, bytes.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(bytes))));
+                }
+                Frame::Event(mut event) => {
+                    if let Some(conn) = &self.conn {
+                        let registry = conn.registry();
+                        let stream = conn.stream();
+                        let interceptors = registry.interceptors();
+                        if !interceptors.is_empty() {
+                            let cx = EventContext {
+                                stream: stream.key(),
+                                connection: conn.id(),
+                                previous_id: stream.cursor(),
+                                time: SystemTime::now(),
+                            };
+                            if interceptors.on_event(registry, stream, &cx, &mut event)
+                                == Decision::Drop
+                            {
+                                continue;
+                            }
+                        }
+                        stream.set_cursor(event.last_event_id());
+                        registry.count(stream, Counter::EventsDelivered, 1);
+                        registry.count(stream, Counter::BytesDelivered, event.raw().len() as u64);
+                    }
+                    for s in &mut self.stages {
+                        s.on_delivered(&event);
+                    }
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(event.raw))));
+                }
+            }
+        }
+    }
+}
+
+impl Body for SseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match &mut this.kind {
+            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(http_body::Frame::data(b)))),
+            Kind::Passthrough(body) => body.as_mut().poll_frame(cx),
+            Kind::Sse(p) => p.poll(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Passthrough(body) => body.is_end_stream(),
+            Kind::Sse(p) => matches!(p.ending, Ending::Done),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Passthrough(body) => body.size_hint(),
+            Kind::Sse(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// Whether a response is an event stream (`Content-Type: text/event-stream`).
+pub fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"))
+}
+
+/// A plain-text response, for the answers layers give themselves.
+pub fn text_response(status: StatusCode, text: impl Into<String>) -> Response<SseBody> {
+    let mut text = text.into();
+    text.push('\n');
+    let mut resp = Response::new(SseBody::full(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Converts an inner response for a layer: a non-SSE response passes through
+/// untouched; an SSE response becomes a parsed stream (once, however many
+/// layers call this). Returns the response and whether it is a stream.
+pub fn prepare_response<B>(resp: Response<B>, registry: &Registry) -> (Response<SseBody>, bool)
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = resp.into_parts();
+    let body = SseBody::from_body(body);
+    if body.is_stream() {
+        return (Response::from_parts(parts, body), true);
+    }
+    if matches!(body.kind, Kind::Passthrough(_)) && is_event_stream(&parts.headers) {
+        let body = body.into_stream(registry);
+        return (Response::from_parts(parts, body), true);
+    }
+    (Response::from_parts(parts, body), false)
+}
+
+impl Default for SseBody {
+    fn default() -> Self {
+        SseBody::empty()
+    }
+}
+

@@ -1,0 +1,461 @@
+//! Events and event IDs.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::ops::Range;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::parse::{self, split_field, Frame, Limits, Parser};
+
+/// An SSE event ID, valid both as an `id:` field and as a `Last-Event-ID` header.
+///
+/// One validation serves both places: valid UTF-8, no NUL, CR or LF, and at
+/// most [`EventId::MAX_LEN`] bytes. An ID kept beyond an event's delivery is
+/// [copied](EventId::detached) so that it never pins the upstream chunk it came in.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventId(Bytes);
+
+impl EventId {
+    /// The longest accepted event ID, in bytes (1 KiB).
+    pub const MAX_LEN: usize = 1024;
+
+    /// Validates `id` and wraps it.
+    ///
+    /// ```
+    /// use tower_sse::EventId;
+    /// assert_eq!(EventId::new("42").unwrap().as_str(), "42");
+    /// assert!(EventId::new("a\nb").is_err());
+    /// ```
+    pub fn new(id: impl Into<Bytes>) -> Result<Self, InvalidEventId> {
+        let id = id.into();
+        Self::validate(&id)?;
+        Ok(EventId(id))
+    }
+
+    /// Validates raw bytes, such as a `Last-Event-ID` header value, without copying.
+    pub fn validate(id: &[u8]) -> Result<(), InvalidEventId> {
+        if id.len() > Self::MAX_LEN {
+            return Err(InvalidEventId::TooLong);
+        }
+        if memchr::memchr3(b'\0', b'\r', b'\n', id).is_some() {
+            return Err(InvalidEventId::ForbiddenByte);
+        }
+        if std::str::from_utf8(id).is_err() {
+            return Err(InvalidEventId::NotUtf8);
+        }
+        Ok(())
+    }
+
+    /// Builds an ID from an integer.
+    pub fn from_u64(n: u64) -> Self {
+        EventId(Bytes::from(n.to_string()))
+    }
+
+    /// The ID as text.
+    pub fn as_str(&self) -> &str {
+        // Validated at construction; the fallback is unreachable but keeps input away from panics.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// The ID's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The ID's length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the ID is empty (an empty `id:` field resets the last event ID).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// A copy that owns its bytes, for keeping past delivery.
+    pub fn detached(&self) -> Self {
+        EventId(Bytes::copy_from_slice(&self.0))
+    }
+
+    /// Splits a `prefix-integer` or plain integer ID into its prefix and number.
+    ///
+    /// ```
+    /// use tower_sse::EventId;
+    /// let id = EventId::new("abc-17").unwrap();
+    /// assert_eq!(id.sequence(), Some(("abc-", 17)));
+    /// assert_eq!(EventId::new("9").unwrap().sequence(), Some(("", 9)));
+    /// assert_eq!(EventId::new("x").unwrap().sequence(), None);
+    /// // Integers past u64::MAX are not sequences.
+    /// assert_eq!(EventId::new("99999999999999999999").unwrap().sequence(), None);
+    /// ```
+    pub fn sequence(&self) -> Option<(&str, u64)> {
+        let s = self.as_str();
+        let digits_start = s
+            .bytes()
+            .rposition(|b| !b.is_ascii_digit())
+            .map_or(0, |p| p + 1);
+        let digits = &s[digits_start..];
+        if digits.is_empty() {
+            return None;
+        }
+        let prefix = &s[..digits_start];
+        if !(prefix.is_empty() || prefix.ends_with('-')) {
+            return None;
+        }
+        digits.parse::<u64>().ok().map(|n| (prefix, n))
+    }
+
+    pub(crate) fn from_validated(bytes: Bytes) -> Self {
+        EventId(bytes)
+    }
+}
+
+impl fmt::Debug for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<&str> for EventId {
+    type Error = InvalidEventId;
+    fn try_from(s: &str) -> Result<Self, Self::Error> {
+        EventId::new(Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+
+impl TryFrom<String> for EventId {
+    type Error = InvalidEventId;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        EventId::new(Bytes::from(s))
+    }
+}
+
+/// Why a byte string is not a valid [`EventId`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEventId {
+    /// Longer than [`EventId::MAX_LEN`].
+    #[error("event ID longer than {} bytes", EventId::MAX_LEN)]
+    TooLong,
+    /// Contains NUL, CR or LF.
+    #[error("event ID contains NUL, CR or LF")]
+    ForbiddenByte,
+    /// Not valid UTF-8.
+    #[error("event ID is not valid UTF-8")]
+    NotUtf8,
+}
+
+/// Where an event's data lives inside its raw bytes.
+#[derive(Clone, Debug)]
+pub(crate) enum DataRepr {
+    /// Exactly one `data` line: its value's range in `raw`.
+    Single(Range<u32>),
+    /// Several `data` lines, joined on demand.
+    Lines(u32),
+}
+
+/// A dispatched Server-Sent Event.
+///
+/// An event keeps the raw bytes it was parsed from, so a pass-through stack
+/// re-emits them without re-encoding; `data` of several lines is joined only when asked.
+/// Whatever keeps an event past its delivery should call [`Event::detached`].
+#[derive(Clone)]
+pub struct Event {
+    pub(crate) raw: Bytes,
+    pub(crate) last_event_id: Option<EventId>,
+    pub(crate) has_id_field: bool,
+    pub(crate) event_type: Option<Range<u32>>,
+    pub(crate) data: DataRepr,
+    pub(crate) retry: Option<u64>,
+}
+
+impl Event {
+    /// Starts building an event with the given data.
+    ///
+    /// ```
+    /// use tower_sse::{Event, EventId};
+    /// let ev = Event::builder("line 1\nline 2")
+    ///     .id(EventId::new("7").unwrap())
+    ///     .event("update")
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(&ev.raw()[..], b"id: 7\nevent: update\ndata: line 1\ndata: line 2\n\n");
+    /// assert_eq!(ev.data(), "line 1\nline 2");
+    /// ```
+    pub fn builder(data: impl Into<String>) -> EventBuilder {
+        EventBuilder {
+            id: None,
+            event: None,
+            data: data.into(),
+            retry: None,
+        }
+    }
+
+    /// The exact bytes sent to the client for this event, ending with its blank line.
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+
+    /// The event's data: its `data` lines joined with LF.
+    pub fn data(&self) -> Cow<'_, str> {
+        match &self.data {
+            DataRepr::Single(r) => String::from_utf8_lossy(&self.raw[r.start as usize..r.end as usize]),
+            DataRepr::Lines(n) => {
+                let mut out = Vec::with_capacity(self.raw.len());
+                let mut seen = 0;
+                parse::for_each_line(&self.raw, |line| {
+                    let (name, value) = split_field(line);
+                    if name == b"data" {
+                        if seen > 0 {
+                            out.push(b'\n');
+                        }
+                        out.extend_from_slice(value);
+                        seen += 1;
+                    }
+                });
+                debug_assert_eq!(seen, *n);
+                Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+            }
+        }
+    }
+
+    /// The length of the event's data in bytes, without joining lines.
+    pub fn data_len(&self) -> usize {
+        match &self.data {
+            DataRepr::Single(r) => (r.end - r.start) as usize,
+            DataRepr::Lines(_) => self.data().len(),
+        }
+    }
+
+    /// The event type; `message` when the stream named none.
+    pub fn event_type(&self) -> Cow<'_, str> {
+        match &self.event_type {
+            Some(r) if r.start < r.end => {
+                String::from_utf8_lossy(&self.raw[r.start as usize..r.end as usize])
+            }
+            _ => Cow::Borrowed("message"),
+        }
+    }
+
+    /// The ID this event set with its own non-empty `id` field.
+    ///
+    /// Deduplication uses this: an event without an `id` field has no identity of its own.
+    pub fn id(&self) -> Option<&EventId> {
+        if self.has_id_field {
+            self.last_event_id.as_ref()
+        } else {
+            None
+        }
+    }
+
+    /// The event's last event ID as a browser sees it: its own `id`, or the one
+    /// carried over from an earlier event. This is what a client resumes from.
+    pub fn last_event_id(&self) -> Option<&EventId> {
+        self.last_event_id.as_ref()
+    }
+
+    /// Whether the event carried an `id` field (an empty one resets the last event ID).
+    pub fn has_id_field(&self) -> bool {
+        self.has_id_field
+    }
+
+    /// The `retry` value in milliseconds, when the event block carried a valid one.
+    pub fn retry(&self) -> Option<u64> {
+        self.retry
+    }
+
+    /// A copy owning its bytes, so that keeping it does not pin the chunk it came in.
+    pub fn detached(&self) -> Event {
+        Event {
+            raw: Bytes::copy_from_slice(&self.raw),
+            last_event_id: self.last_event_id.as_ref().map(EventId::detached),
+            ..self.clone()
+        }
+    }
+
+    /// Replaces the event's ID (stamping), re-encoding its bytes.
+    pub fn set_id(&mut self, id: EventId) {
+        let rebuilt = self.rebuild(Some(Some(id)), None);
+        *self = rebuilt;
+    }
+
+    /// Replaces the event's data, re-encoding its bytes.
+    pub fn set_data(&mut self, data: &str) {
+        let rebuilt = self.rebuild(None, Some(data));
+        *self = rebuilt;
+    }
+
+    /// Re-encodes with an explicit `id` line: for replaying an event whose ID was carried over.
+    pub fn with_explicit_id(&self) -> Event {
+        if self.has_id_field || self.last_event_id.is_none() {
+            return self.clone();
+        }
+        self.rebuild(Some(self.last_event_id.clone()), None)
+    }
+
+    fn rebuild(&self, id: Option<Option<EventId>>, data: Option<&str>) -> Event {
+        let id = match id {
+            Some(id) => id,
+            None if self.has_id_field => self.last_event_id.clone(),
+            None => None,
+        };
+        let event_type = self
+            .event_type
+            .as_ref()
+            .map(|r| String::from_utf8_lossy(&self.raw[r.start as usize..r.end as usize]).into_owned());
+        let data = match data {
+            Some(d) => d.to_owned(),
+            None => self.data().into_owned(),
+        };
+        let raw = encode(id.as_ref(), event_type.as_deref().filter(|t| !t.is_empty()), &data, self.retry);
+        let mut ev = parse_single(raw);
+        if ev.last_event_id.is_none() && !ev.has_id_field {
+            // Keep the carried-over ID: the client still holds it.
+            ev.last_event_id = self.last_event_id.clone();
+        }
+        ev
+    }
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Event")
+            .field("last_event_id", &self.last_event_id)
+            .field("has_id_field", &self.has_id_field)
+            .field("event_type", &self.event_type())
+            .field("data", &self.data())
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+impl PartialEq for Event {
+    fn eq(&self, other: &Self) -> bool {
+        self.raw == other.raw && self.last_event_id == other.last_event_id
+    }
+}
+
+/// Builds an [`Event`], encoding it to wire bytes.
+#[derive(Debug, Clone)]
+pub struct EventBuilder {
+    id: Option<EventId>,
+    event: Option<String>,
+    data: String,
+    retry: Option<u64>,
+}
+
+impl EventBuilder {
+    /// Sets the `id` field.
+    pub fn id(mut self, id: EventId) -> Self {
+        self.id = Some(id);
+        self
+    }
+
+    /// Sets the `event` field (the event type).
+    pub fn event(mut self, event: impl Into<String>) -> Self {
+        self.event = Some(event.into());
+        self
+    }
+
+    /// Sets the `retry` field, in milliseconds.
+    pub fn retry(mut self, millis: u64) -> Self {
+        self.retry = Some(millis);
+        self
+    }
+
+    /// Encodes the event. An event type containing CR or LF is rejected.
+    pub fn build(self) -> Result<Event, EncodeError> {
+        if let Some(t) = &self.event {
+            if t.bytes().any(|b| b == b'\r' || b == b'\n') {
+                return Err(EncodeError::EventTypeHasNewline);
+            }
+        }
+        let raw = encode(self.id.as_ref(), self.event.as_deref(), &self.data, self.retry);
+        Ok(parse_single(raw))
+    }
+}
+
+/// Why an event could not be encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The event type contains CR or LF, which would split the field.
+    #[error("event type contains CR or LF")]
+    EventTypeHasNewline,
+    /// The ID is invalid.
+    #[error(transparent)]
+    InvalidId(#[from] InvalidEventId),
+}
+
+/// Encodes one event. `data` is split on CR, LF and CRLF into several `data:` lines.
+fn encode(id: Option<&EventId>, event: Option<&str>, data: &str, retry: Option<u64>) -> Bytes {
+    let mut out = BytesMut::with_capacity(data.len() + 32);
+    if let Some(id) = id {
+        out.put_slice(b"id: ");
+        out.put_slice(id.as_bytes());
+        out.put_u8(b'\n');
+    }
+    if let Some(event) = event {
+        out.put_slice(b"event: ");
+        out.put_slice(event.as_bytes());
+        out.put_u8(b'\n');
+    }
+    if let Some(retry) = retry {
+        out.put_slice(b"retry: ");
+        out.put_slice(retry.to_string().as_bytes());
+        out.put_u8(b'\n');
+    }
+    let bytes = data.as_bytes();
+    let mut start = 0;
+    loop {
+        let end = memchr::memchr2(b'\r', b'\n', &bytes[start..]).map(|i| start + i);
+        out.put_slice(b"data: ");
+        out.put_slice(&bytes[start..end.unwrap_or(bytes.len())]);
+        out.put_u8(b'\n');
+        match end {
+            None => break,
+            Some(e) => {
+                start = if bytes[e] == b'\r' && bytes.get(e + 1) == Some(&b'\n') {
+                    e + 2
+                } else {
+                    e + 1
+                };
+            }
+        }
+    }
+    out.put_u8(b'\n');
+    out.freeze()
+}
+
+/// Encodes a comment (lines starting with `:`), ending with a blank line so it
+/// can be sent between any two events. Newlines in `text` start new comment lines.
+///
+/// ```
+/// assert_eq!(&tower_sse::encode_comment("keep-alive")[..], b": keep-alive\n\n");
+/// ```
+pub fn encode_comment(text: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(text.len() + 4);
+    for line in text.split(['\r', '\n']) {
+        out.put_slice(b": ");
+        out.put_slice(line.as_bytes());
+        out.put_u8(b'\n');
+    }
+    out.put_u8(b'\n');
+    out.freeze()
+}
+
+/// Parses bytes produced by [`encode`], which hold exactly one event.
+fn parse_single(raw: Bytes) -> Event {
+    let mut p = Parser::new(Limits::unlimited());
+    p.feed(raw);
+    match p.next_frame() {
+        Ok(Some(Frame::Event(ev))) => ev,
+        // encode always writes at least one data line and a blank line.
+        other => unreachable!("encoder produced a non-event: {other:?}"),
+    }
+}

@@ -1,0 +1,458 @@
+//! The incremental SSE parser.
+//!
+//! It follows the WHATWG HTML rules for interpreting an event stream: a UTF-8
+//! BOM at stream start is skipped; CR, LF and CRLF end lines (also a CR that
+//! ends one chunk followed by an LF starting the next); lines starting with `:`
+//! are comments; a line without a colon is a field name with an empty value;
+//! one space after the colon is stripped; `data` values are joined with LF;
+//! the event type defaults to `message`; an `id` containing NUL is ignored and
+//! an empty `id` resets the last event ID, which carries over to later events;
+//! `retry` counts only when all ASCII digits; a blank line dispatches; an event
+//! left incomplete at end of stream is discarded; an event with no `data` line
+//! is not dispatched, though its `id` still updates the last event ID.
+//!
+//! Events keep the raw bytes they came in as slices of the input chunk (zero
+//! copy); only an event that spans chunks is copied, once, into one buffer.
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::event::{DataRepr, Event, EventId};
+
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Limits that bound the parser's memory. Crossing one ends the stream with a [`ParseError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest line in bytes, terminator excluded. Default 1 MiB.
+    pub max_line_len: usize,
+    /// Largest event block in bytes, all its lines included. Default 1 MiB.
+    pub max_event_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_line_len: 1 << 20,
+            max_event_len: 1 << 20,
+        }
+    }
+}
+
+impl Limits {
+    /// No limits: only for input the program produced itself.
+    pub fn unlimited() -> Self {
+        Limits {
+            max_line_len: usize::MAX,
+            max_event_len: usize::MAX,
+        }
+    }
+}
+
+/// Why a stream could not be parsed further.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// A line exceeded [`Limits::max_line_len`].
+    #[error("SSE line longer than {0} bytes")]
+    LineTooLong(usize),
+    /// An event exceeded [`Limits::max_event_len`].
+    #[error("SSE event larger than {0} bytes")]
+    EventTooLarge(usize),
+    /// An `id` field exceeded [`EventId::MAX_LEN`]: the stream would give clients a
+    /// cursor they could not send back, so it ends instead.
+    #[error("SSE event ID longer than {} bytes", EventId::MAX_LEN)]
+    IdTooLong,
+}
+
+/// One unit of output: a dispatched event, or bytes that carry no event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// A dispatched event.
+    Event(Event),
+    /// A block that dispatches no event (comments, blank lines, a block with
+    /// only `id` or `retry`), forwarded verbatim.
+    Other(Bytes),
+}
+
+impl Frame {
+    /// The bytes sent to the client for this frame.
+    pub fn raw(&self) -> &Bytes {
+        match self {
+            Frame::Event(ev) => ev.raw(),
+            Frame::Other(b) => b,
+        }
+    }
+}
+
+/// The fields seen so far in the current block, as ranges relative to the block start.
+#[derive(Debug, Default, Clone)]
+struct Block {
+    event_type: Option<Range<u32>>,
+    first_data: Option<Range<u32>>,
+    data_lines: u32,
+    id: Option<Range<u32>>,
+    retry: Option<u64>,
+}
+
+/// An incremental, pull-based SSE parser.
+///
+/// ```
+/// use bytes::Bytes;
+/// use tower_sse::parse::{Frame, Limits, Parser};
+///
+/// let mut p = Parser::new(Limits::default());
+/// p.feed(Bytes::from_static(b"id: 1\ndata: hel"));
+/// assert!(p.next_frame().unwrap().is_none()); // incomplete
+/// p.feed(Bytes::from_static(b"lo\n\n"));
+/// match p.next_frame().unwrap() {
+///     Some(Frame::Event(ev)) => {
+///         assert_eq!(ev.data(), "hello");
+///         assert_eq!(ev.id().unwrap().as_str(), "1");
+///     }
+///     other => panic!("{other:?}"),
+/// }
+/// ```
+#[derive(Debug)]
+pub struct Parser {
+    limits: Limits,
+    chunk: Bytes,
+    pos: usize,
+    /// Start of the current block in `chunk`, when it started in this chunk.
+    block_start: usize,
+    /// The current block's bytes when it spans chunks.
+    pending: BytesMut,
+    /// Start of the current incomplete line in `pending`.
+    line_start: usize,
+    skip_lf: bool,
+    bom_matched: usize,
+    bom_done: bool,
+    block: Block,
+    last_id: Option<EventId>,
+    retry: Option<u64>,
+    failed: Option<ParseError>,
+}
+
+impl Parser {
+    /// A parser for a new stream.
+    pub fn new(limits: Limits) -> Self {
+        Parser {
+            limits,
+            chunk: Bytes::new(),
+            pos: 0,
+            block_start: 0,
+            pending: BytesMut::new(),
+            line_start: 0,
+            skip_lf: false,
+            bom_matched: 0,
+            bom_done: false,
+            block: Block::default(),
+            last_id: None,
+            retry: None,
+            failed: None,
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The last event ID so far (what a browser would send on reconnect).
+    pub fn last_event_id(&self) -> Option<&EventId> {
+        self.last_id.as_ref()
+    }
+
+    /// Sets the last event ID, e.g. the cursor a resumed stream starts from.
+    pub fn set_last_event_id(&mut self, id: Option<EventId>) {
+        self.last_id = id;
+    }
+
+    /// The last valid `retry` value seen, in milliseconds.
+    pub fn retry(&self) -> Option<u64> {
+        self.retry
+    }
+
+    /// Whether a partial block or line is buffered.
+    pub fn has_partial(&self) -> bool {
+        !self.pending.is_empty() || self.block_start < self.chunk.len()
+    }
+
+    /// Starts a new source stream (a reconnect): drops any half-received
+    /// event so that it is never glued to the new connection's bytes, and
+    /// expects a BOM again. The last event ID and retry carry over.
+    pub fn restart(&mut self) {
+        self.chunk = Bytes::new();
+        self.pos = 0;
+        self.block_start = 0;
+        self.pending.clear();
+        self.line_start = 0;
+        self.skip_lf = false;
+        self.bom_matched = 0;
+        self.bom_done = false;
+        self.block = Block::default();
+        self.failed = None;
+    }
+
+    /// Ends the stream: an incomplete event is discarded.
+    pub fn finish(&mut self) {
+        let last = self.last_id.take();
+        self.restart();
+        self.last_id = last;
+    }
+
+    /// Hands the parser the next chunk. Call [`Parser::next_frame`] until it
+    /// returns `None` before feeding another chunk.
+    pub fn feed(&mut self, mut chunk: Bytes) {
+        debug_assert!(self.pos >= self.chunk.len(), "feed before the previous chunk was drained");
+        if !self.bom_done {
+            while self.bom_matched < BOM.len() && !chunk.is_empty() {
+                if chunk[0] == BOM[self.bom_matched] {
+                    self.bom_matched += 1;
+                    let _ = bytes::Buf::advance(&mut chunk, 1);
+                } else {
+                    // Not a BOM: the bytes matched so far belong to the first line.
+                    self.pending.extend_from_slice(&BOM[..self.bom_matched]);
+                    self.bom_matched = BOM.len();
+                }
+            }
+            if self.bom_matched == BOM.len() {
+                self.bom_done = true;
+            }
+        }
+        if self.skip_lf && !chunk.is_empty() {
+            self.skip_lf = false;
+            if chunk[0] == b'\n' {
+                let _ = bytes::Buf::advance(&mut chunk, 1);
+            }
+        }
+        self.chunk = chunk;
+        self.pos = 0;
+        self.block_start = 0;
+    }
+
+    /// The next complete frame from the chunks fed so far.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, ParseError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        let r = self.next_frame_inner();
+        if let Err(e) = r {
+            self.failed = Some(e);
+        }
+        r
+    }
+
+    fn next_frame_inner(&mut self) -> Result<Option<Frame>, ParseError> {
+        loop {
+            let rest = &self.chunk[self.pos..];
+            let Some(i) = memchr::memchr2(b'\n', b'\r', rest) else {
+                self.stash_tail()?;
+                return Ok(None);
+            };
+            let term_end = if rest[i] == b'\r' {
+                match rest.get(i + 1) {
+                    Some(b'\n') => i + 2,
+                    Some(_) => i + 1,
+                    None => {
+                        self.skip_lf = true;
+                        i + 1
+                    }
+                }
+            } else {
+                i + 1
+            };
+            let line_end_abs = self.pos + i;
+            let next_pos = self.pos + term_end;
+            let dispatch;
+            if self.pending.is_empty() {
+                let line_start = self.pos;
+                if i > self.limits.max_line_len {
+                    return Err(ParseError::LineTooLong(self.limits.max_line_len));
+                }
+                if next_pos - self.block_start > self.limits.max_event_len {
+                    return Err(ParseError::EventTooLarge(self.limits.max_event_len));
+                }
+                let base = self.block_start;
+                dispatch = process_line(
+                    &mut self.block,
+                    &self.chunk[line_start..line_end_abs],
+                    line_start - base,
+                )?;
+                self.pos = next_pos;
+                if dispatch {
+                    let raw = self.chunk.slice(self.block_start..next_pos);
+                    self.block_start = next_pos;
+                    return Ok(Some(self.dispatch(raw)));
+                }
+            } else {
+                self.pending
+                    .extend_from_slice(&self.chunk[self.pos..line_end_abs]);
+                let line_len = self.pending.len() - self.line_start;
+                if line_len > self.limits.max_line_len {
+                    return Err(ParseError::LineTooLong(self.limits.max_line_len));
+                }
+                let line_start = self.line_start;
+                let line_end = self.pending.len();
+                self.pending
+                    .extend_from_slice(&self.chunk[line_end_abs..next_pos]);
+                if self.pending.len() > self.limits.max_event_len {
+                    return Err(ParseError::EventTooLarge(self.limits.max_event_len));
+                }
+                dispatch = process_line(
+                    &mut self.block,
+                    &self.pending[line_start..line_end],
+                    line_start,
+                )?;
+                self.pos = next_pos;
+                self.block_start = next_pos;
+                self.line_start = self.pending.len();
+                if dispatch {
+                    let raw = self.pending.split().freeze();
+                    self.line_start = 0;
+                    return Ok(Some(self.dispatch(raw)));
+                }
+            }
+        }
+    }
+
+    /// Moves the unfinished tail of the chunk into `pending`.
+    fn stash_tail(&mut self) -> Result<(), ParseError> {
+        if self.pending.is_empty() {
+            let tail = &self.chunk[self.block_start..];
+            if !tail.is_empty() {
+                if self.chunk.len() - self.pos > self.limits.max_line_len {
+                    return Err(ParseError::LineTooLong(self.limits.max_line_len));
+                }
+                if tail.len() > self.limits.max_event_len {
+                    return Err(ParseError::EventTooLarge(self.limits.max_event_len));
+                }
+                self.line_start = self.pos - self.block_start;
+                self.pending.extend_from_slice(tail);
+            }
+        } else {
+            self.pending.extend_from_slice(&self.chunk[self.pos..]);
+            if self.pending.len() - self.line_start > self.limits.max_line_len {
+                return Err(ParseError::LineTooLong(self.limits.max_line_len));
+            }
+            if self.pending.len() > self.limits.max_event_len {
+                return Err(ParseError::EventTooLarge(self.limits.max_event_len));
+            }
+        }
+        self.pos = self.chunk.len();
+        self.block_start = self.pos;
+        // Nothing kept past this chunk may pin it: the carried-over ID is copied once per chunk.
+        if let Some(id) = &self.last_id {
+            self.last_id = Some(id.detached());
+        }
+        self.chunk = Bytes::new();
+        self.pos = 0;
+        self.block_start = 0;
+        Ok(())
+    }
+
+    fn dispatch(&mut self, raw: Bytes) -> Frame {
+        let block = std::mem::take(&mut self.block);
+        let has_id_field = block.id.is_some();
+        if let Some(r) = block.id {
+            let value = &raw[r.start as usize..r.end as usize];
+            self.last_id = if value.is_empty() {
+                None
+            } else if std::str::from_utf8(value).is_ok() {
+                Some(EventId::from_validated(raw.slice(r.start as usize..r.end as usize)))
+            } else {
+                // The stream is decoded as UTF-8 with replacement characters.
+                let s = String::from_utf8_lossy(value).into_owned();
+                Some(EventId::from_validated(Bytes::from(s)))
+            };
+        }
+        if let Some(retry) = block.retry {
+            self.retry = Some(retry);
+        }
+        if block.data_lines == 0 {
+            return Frame::Other(raw);
+        }
+        let data = if block.data_lines == 1 {
+            DataRepr::Single(block.first_data.unwrap_or(0..0))
+        } else {
+            DataRepr::Lines(block.data_lines)
+        };
+        Frame::Event(Event {
+            raw,
+            last_event_id: self.last_id.clone(),
+            has_id_field,
+            event_type: block.event_type,
+            data,
+            retry: block.retry,
+        })
+    }
+}
+
+/// Splits a line into field name and value, stripping one leading space from the value.
+pub(crate) fn split_field(line: &[u8]) -> (&[u8], &[u8]) {
+    let (name, value) = if line.len() >= 5 && &line[..5] == b"data:" {
+        (&line[..4], &line[5..])
+    } else {
+        match memchr::memchr(b':', line) {
+            Some(c) => (&line[..c], &line[c + 1..]),
+            None => (line, &line[line.len()..]),
+        }
+    };
+    match value.first() {
+        Some(b' ') => (name, &value[1..]),
+        _ => (name, value),
+    }
+}
+
+/// Interprets one line of a block; returns whether it dispatches (a blank line).
+fn process_line(block: &mut Block, line: &[u8], offset: usize) -> Result<bool, ParseError> {
+    if line.is_empty() {
+        return Ok(true);
+    }
+    if line[0] == b':' {
+        return Ok(false);
+    }
+    let (name, value) = split_field(line);
+    let vstart = offset + (value.as_ptr() as usize - line.as_ptr() as usize);
+    let range = vstart as u32..(vstart + value.len()) as u32;
+    match name {
+        b"data" => {
+            if block.data_lines == 0 {
+                block.first_data = Some(range);
+            }
+            block.data_lines += 1;
+        }
+        b"event" => block.event_type = Some(range),
+        b"id" => {
+            if memchr::memchr(0, value).is_none() {
+                if value.len() > EventId::MAX_LEN {
+                    return Err(ParseError::IdTooLong);
+                }
+                block.id = Some(range);
+            }
+        }
+        b"retry" => {
+            if !value.is_empty() && value.iter().all(u8::is_ascii_digit) {
+                // A value past u64::MAX is ignored rather than wrapped.
+                if let Some(ms) = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()) {
+                    block.retry = Some(ms);
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(false)
+}
+
+/// Calls `f` with each line of a complete block (terminators removed).
+pub(crate) fn for_each_line(mut bytes: &[u8], mut f: impl FnMut(&[u8])) {
+    while let Some(i) = memchr::memchr2(b'\n', b'\r', bytes) {
+        f(&bytes[..i]);
+        let skip = if bytes[i] == b'\r' && bytes.get(i + 1) == Some(&b'\n') {
+            2
+        } else {
+            1
+        };
+        bytes = &bytes[i + skip..];
+    }
+}

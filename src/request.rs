@@ -1,0 +1,101 @@
+//! What every layer reads from a request: its stream key and `Last-Event-ID`.
+
+use http::{HeaderName, Request, Response, StatusCode};
+
+use crate::body::{text_response, SseBody};
+use crate::event::EventId;
+use crate::key::{RequestHead, StreamKey};
+use crate::registry::Registry;
+
+/// The `Last-Event-ID` request header.
+pub static LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+
+/// A request's stream key and validated `Last-Event-ID`, resolved once per
+/// request by the outermost tower-sse layer and kept in its extensions, so
+/// every layer inside reads the same values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseRequest {
+    /// The stream the request belongs to.
+    pub key: StreamKey,
+    /// The client's `Last-Event-ID`, validated; `None` when absent or empty.
+    pub last_event_id: Option<EventId>,
+}
+
+impl SseRequest {
+    /// Resolves the request's key and `Last-Event-ID`, caching them in its
+    /// extensions. On bad input returns the `400 Bad Request` to answer with:
+    /// a `Last-Event-ID` that is repeated, not UTF-8, holds CR, LF or NUL, or
+    /// is longer than [`EventId::MAX_LEN`]; or a key the key maker refuses.
+    /// Such a request is never forwarded.
+    ///
+    /// ```
+    /// use tower_sse::{Registry, SseRequest};
+    /// let registry = Registry::default();
+    /// let mut req = http::Request::get("/events").header("last-event-id", "41").body(()).unwrap();
+    /// let sse = SseRequest::resolve(&mut req, &registry).unwrap();
+    /// assert_eq!(sse.last_event_id.unwrap().as_str(), "41");
+    ///
+    /// let mut bad = http::Request::get("/events")
+    ///     .header("last-event-id", http::HeaderValue::from_bytes(b"4\x001").unwrap_or(http::HeaderValue::from_static("x")))
+    ///     .body(()).unwrap();
+    /// # let _ = &mut bad;
+    /// ```
+    pub fn resolve<B>(req: &mut Request<B>, registry: &Registry) -> Result<SseRequest, Response<SseBody>> {
+        if let Some(sse) = req.extensions().get::<SseRequest>() {
+            return Ok(sse.clone());
+        }
+        let key = registry
+            .key_maker()
+            .make_key(&RequestHead::of(req))
+            .map_err(|e| text_response(StatusCode::BAD_REQUEST, e.to_string()))?;
+        let last_event_id = last_event_id(req.headers())
+            .map_err(|e| text_response(StatusCode::BAD_REQUEST, e))?;
+        let sse = SseRequest { key, last_event_id };
+        req.extensions_mut().insert(sse.clone());
+        Ok(sse)
+    }
+}
+
+/// Reads and validates the `Last-Event-ID` header.
+pub fn last_event_id(headers: &http::HeaderMap) -> Result<Option<EventId>, String> {
+    let mut values = headers.get_all(&LAST_EVENT_ID).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err("more than one Last-Event-ID header".into());
+    }
+    let bytes = value.as_bytes();
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    EventId::validate(bytes).map_err(|e| format!("invalid Last-Event-ID: {e}"))?;
+    Ok(Some(EventId::new(bytes::Bytes::copy_from_slice(bytes)).map_err(|e| e.to_string())?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn with(v: &[u8]) -> Result<Option<EventId>, String> {
+        let mut h = http::HeaderMap::new();
+        h.insert(&LAST_EVENT_ID, HeaderValue::from_bytes(v).unwrap());
+        last_event_id(&h)
+    }
+
+    #[test]
+    fn last_event_id_rules() {
+        assert_eq!(with(b"12").unwrap().unwrap().as_str(), "12");
+        assert_eq!(with(b"").unwrap(), None);
+        assert!(with(b"\xff\xfe").is_err());
+        assert!(with(&vec![b'a'; EventId::MAX_LEN + 1]).is_err());
+        assert!(with(&vec![b'a'; EventId::MAX_LEN]).is_ok());
+        // HeaderValue itself refuses CR, LF and NUL; a raw socket test covers the wire.
+        assert!(HeaderValue::from_bytes(b"a\nb").is_err());
+        let mut h = http::HeaderMap::new();
+        h.append(&LAST_EVENT_ID, HeaderValue::from_static("1"));
+        h.append(&LAST_EVENT_ID, HeaderValue::from_static("2"));
+        assert!(last_event_id(&h).is_err());
+    }
+}
