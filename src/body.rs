@@ -64,7 +64,9 @@ impl BodySource {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        BodySource { body: box_body(body) }
+        BodySource {
+            body: box_body(body),
+        }
     }
 }
 
@@ -417,12 +419,15 @@ impl Pipeline {
         };
         if let Some(conn) = &self.conn {
             if err.is::<ParseError>() {
-                conn.registry().count(conn.stream(), Counter::ParseErrors, 1);
+                conn.registry()
+                    .count(conn.stream(), Counter::ParseErrors, 1);
             }
             let registry = conn.registry();
             registry
                 .interceptors()
-                .fire(registry, Some(conn.stream()), |i| i.on_error(&conn.context(), &*err));
+                .fire(registry, Some(conn.stream()), |i| {
+                    i.on_error(&conn.context(), &*err)
+                });
         }
         tracing::debug!(%reason, error = %err, "sse stream closing");
         self.end(reason);
@@ -435,7 +440,10 @@ impl Pipeline {
         Poll::Ready(Some(Ok(http_body::Frame::data(comment))))
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         match std::mem::replace(&mut self.ending, Ending::Done) {
             Ending::Running => self.ending = Ending::Running,
             Ending::Error(e) => return Poll::Ready(Some(Err(e))),
@@ -476,8 +484,11 @@ impl Pipeline {
             match frame {
                 Frame::Other(bytes) => {
                     if let Some(conn) = &self.conn {
-                        conn.registry()
-                            .count(conn.stream(), Counter::BytesDelivered, bytes.len() as u64);
+                        conn.registry().count(
+                            conn.stream(),
+                            Counter::BytesDelivered,
+                            bytes.len() as u64,
+                        );
                     }
                     return Poll::Ready(Some(Ok(http_body::Frame::data(bytes))));
                 }
@@ -595,4 +606,3 @@ impl Default for SseBody {
         SseBody::empty()
     }
 }
-

@@ -205,7 +205,9 @@ impl Event {
     /// The event's data: its `data` lines joined with LF.
     pub fn data(&self) -> Cow<'_, str> {
         match &self.data {
-            DataRepr::Single(r) => String::from_utf8_lossy(&self.raw[r.start as usize..r.end as usize]),
+            DataRepr::Single(r) => {
+                String::from_utf8_lossy(&self.raw[r.start as usize..r.end as usize])
+            }
             DataRepr::Lines(n) => {
                 let mut out = Vec::with_capacity(self.raw.len());
                 let mut seen = 0;
@@ -305,15 +307,19 @@ impl Event {
             None if self.has_id_field => self.last_event_id.clone(),
             None => None,
         };
-        let event_type = self
-            .event_type
-            .as_ref()
-            .map(|r| String::from_utf8_lossy(&self.raw[r.start as usize..r.end as usize]).into_owned());
+        let event_type = self.event_type.as_ref().map(|r| {
+            String::from_utf8_lossy(&self.raw[r.start as usize..r.end as usize]).into_owned()
+        });
         let data = match data {
             Some(d) => d.to_owned(),
             None => self.data().into_owned(),
         };
-        let raw = encode(id.as_ref(), event_type.as_deref().filter(|t| !t.is_empty()), &data, self.retry);
+        let raw = encode(
+            id.as_ref(),
+            event_type.as_deref().filter(|t| !t.is_empty()),
+            &data,
+            self.retry,
+        );
         let mut ev = parse_single(raw);
         if ev.last_event_id.is_none() && !ev.has_id_field {
             // Keep the carried-over ID: the client still holds it.
@@ -376,7 +382,12 @@ impl EventBuilder {
                 return Err(EncodeError::EventTypeHasNewline);
             }
         }
-        let raw = encode(self.id.as_ref(), self.event.as_deref(), &self.data, self.retry);
+        let raw = encode(
+            self.id.as_ref(),
+            self.event.as_deref(),
+            &self.data,
+            self.retry,
+        );
         Ok(parse_single(raw))
     }
 }

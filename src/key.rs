@@ -301,7 +301,10 @@ mod tests {
         );
         // Without `required`, the request falls back to path and query.
         assert_eq!(
-            KeyBy::query("sid").make_key(&head_of(&req)).unwrap().resource(),
+            KeyBy::query("sid")
+                .make_key(&head_of(&req))
+                .unwrap()
+                .resource(),
             "/e?a=1"
         );
     }
@@ -309,10 +312,17 @@ mod tests {
     #[test]
     fn hostile_sessions_are_refused() {
         for bad in ["", "a b", "a\u{7f}", &"x".repeat(MAX_SESSION_LEN + 1), "é"] {
-            assert_eq!(StreamKey::with_session(bad, "/"), Err(KeyError::BadSession), "{bad:?}");
+            assert_eq!(
+                StreamKey::with_session(bad, "/"),
+                Err(KeyError::BadSession),
+                "{bad:?}"
+            );
         }
         let req = http::Request::get("/")
-            .header("mcp-session-id", http::HeaderValue::from_bytes(b"\xff\xfe").unwrap())
+            .header(
+                "mcp-session-id",
+                http::HeaderValue::from_bytes(b"\xff\xfe").unwrap(),
+            )
             .body(())
             .unwrap();
         let by = KeyBy::header(HeaderName::from_static("mcp-session-id"));

@@ -45,5 +45,7 @@ pub use interceptor::{
     AsyncInterceptor, ConnectionContext, Decision, EventContext, EventRecord, Interceptor,
 };
 pub use key::{KeyBy, KeyError, MakeStreamKey, RequestHead, StreamKey};
-pub use registry::{CloseReason, Connection, ConnectionId, Counter, LimitPolicy, OpenError, Registry};
+pub use registry::{
+    CloseReason, Connection, ConnectionId, Counter, LimitPolicy, OpenError, Registry,
+};
 pub use request::{last_event_id, SseRequest, LAST_EVENT_ID};

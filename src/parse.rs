@@ -204,7 +204,10 @@ impl Parser {
     /// Hands the parser the next chunk. Call [`Parser::next_frame`] until it
     /// returns `None` before feeding another chunk.
     pub fn feed(&mut self, mut chunk: Bytes) {
-        debug_assert!(self.pos >= self.chunk.len(), "feed before the previous chunk was drained");
+        debug_assert!(
+            self.pos >= self.chunk.len(),
+            "feed before the previous chunk was drained"
+        );
         if !self.bom_done {
             while self.bom_matched < BOM.len() && !chunk.is_empty() {
                 if chunk[0] == BOM[self.bom_matched] {
@@ -359,7 +362,9 @@ impl Parser {
             self.last_id = if value.is_empty() {
                 None
             } else if std::str::from_utf8(value).is_ok() {
-                Some(EventId::from_validated(raw.slice(r.start as usize..r.end as usize)))
+                Some(EventId::from_validated(
+                    raw.slice(r.start as usize..r.end as usize),
+                ))
             } else {
                 // The stream is decoded as UTF-8 with replacement characters.
                 let s = String::from_utf8_lossy(value).into_owned();

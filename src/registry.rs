@@ -87,7 +87,10 @@ impl CloseReason {
     }
 
     fn to_u8(self) -> u8 {
-        CloseReason::ALL.iter().position(|r| *r == self).unwrap_or(0) as u8
+        CloseReason::ALL
+            .iter()
+            .position(|r| *r == self)
+            .unwrap_or(0) as u8
     }
 }
 
@@ -230,7 +233,12 @@ impl Counters {
 impl fmt::Debug for Counters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map()
-            .entries(self.snapshot().into_iter().filter(|(_, v)| *v > 0).map(|(c, v)| (c.name(), v)))
+            .entries(
+                self.snapshot()
+                    .into_iter()
+                    .filter(|(_, v)| *v > 0)
+                    .map(|(c, v)| (c.name(), v)),
+            )
             .finish()
     }
 }
@@ -694,7 +702,9 @@ impl Registry {
             drop(conns);
             (stream, entry)
         };
-        stream.last_active_ms.store(self.now_ms(), Ordering::Relaxed);
+        stream
+            .last_active_ms
+            .store(self.now_ms(), Ordering::Relaxed);
         self.count(&stream, Counter::ConnectionsOpened, 1);
         let conn = Connection {
             registry: self.clone(),
@@ -822,7 +832,8 @@ mod tests {
         let r = Registry::default();
         let a = r.open(&key("/a"), Some((1, LimitPolicy::Reject))).unwrap();
         assert_eq!(
-            r.open(&key("/a"), Some((1, LimitPolicy::Reject))).unwrap_err(),
+            r.open(&key("/a"), Some((1, LimitPolicy::Reject)))
+                .unwrap_err(),
             OpenError::StreamBusy
         );
         drop(a);
@@ -834,8 +845,12 @@ mod tests {
     #[test]
     fn replace_policy_kills_the_oldest() {
         let r = Registry::default();
-        let a = r.open(&key("/a"), Some((1, LimitPolicy::ReplaceOldest))).unwrap();
-        let b = r.open(&key("/a"), Some((1, LimitPolicy::ReplaceOldest))).unwrap();
+        let a = r
+            .open(&key("/a"), Some((1, LimitPolicy::ReplaceOldest)))
+            .unwrap();
+        let b = r
+            .open(&key("/a"), Some((1, LimitPolicy::ReplaceOldest)))
+            .unwrap();
         assert_eq!(a.entry().killed(), Some(CloseReason::Replaced));
         assert_eq!(b.entry().killed(), None);
         assert_eq!(r.stream(&key("/a")).unwrap().open_connections(), 1);
@@ -843,11 +858,17 @@ mod tests {
 
     #[test]
     fn streams_are_bounded_and_idle_ones_evicted() {
-        let r = Registry::builder().max_streams(2).idle_ttl(Duration::from_secs(3600)).build();
+        let r = Registry::builder()
+            .max_streams(2)
+            .idle_ttl(Duration::from_secs(3600))
+            .build();
         let a = r.open(&key("/a"), None).unwrap();
         let b = r.open(&key("/b"), None).unwrap();
         // Both busy: a third stream is refused.
-        assert_eq!(r.open(&key("/c"), None).unwrap_err(), OpenError::RegistryFull);
+        assert_eq!(
+            r.open(&key("/c"), None).unwrap_err(),
+            OpenError::RegistryFull
+        );
         drop(a);
         // /a is idle now and makes room.
         let _c = r.open(&key("/c"), None).unwrap();

@@ -40,7 +40,10 @@ impl SseRequest {
     ///     .body(()).unwrap();
     /// # let _ = &mut bad;
     /// ```
-    pub fn resolve<B>(req: &mut Request<B>, registry: &Registry) -> Result<SseRequest, Response<SseBody>> {
+    pub fn resolve<B>(
+        req: &mut Request<B>,
+        registry: &Registry,
+    ) -> Result<SseRequest, Response<SseBody>> {
         if let Some(sse) = req.extensions().get::<SseRequest>() {
             return Ok(sse.clone());
         }
@@ -48,8 +51,8 @@ impl SseRequest {
             .key_maker()
             .make_key(&RequestHead::of(req))
             .map_err(|e| text_response(StatusCode::BAD_REQUEST, e.to_string()))?;
-        let last_event_id = last_event_id(req.headers())
-            .map_err(|e| text_response(StatusCode::BAD_REQUEST, e))?;
+        let last_event_id =
+            last_event_id(req.headers()).map_err(|e| text_response(StatusCode::BAD_REQUEST, e))?;
         let sse = SseRequest { key, last_event_id };
         req.extensions_mut().insert(sse.clone());
         Ok(sse)
@@ -70,7 +73,9 @@ pub fn last_event_id(headers: &http::HeaderMap) -> Result<Option<EventId>, Strin
         return Ok(None);
     }
     EventId::validate(bytes).map_err(|e| format!("invalid Last-Event-ID: {e}"))?;
-    Ok(Some(EventId::new(bytes::Bytes::copy_from_slice(bytes)).map_err(|e| e.to_string())?))
+    Ok(Some(
+        EventId::new(bytes::Bytes::copy_from_slice(bytes)).map_err(|e| e.to_string())?,
+    ))
 }
 
 #[cfg(test)]
