@@ -35,6 +35,7 @@ pub mod body;
 mod event;
 pub mod interceptor;
 mod key;
+pub mod layer;
 pub mod parse;
 pub mod registry;
 mod request;
@@ -46,6 +47,7 @@ pub use interceptor::{
 };
 pub use key::{KeyBy, KeyError, MakeStreamKey, RequestHead, StreamKey};
 pub use registry::{
-    CloseReason, Connection, ConnectionId, Counter, LimitPolicy, OpenError, Registry,
+    CloseReason, Connection, ConnectionId, ConnectionSlot, Counter, LimitPolicy, OpenError,
+    Registry,
 };
 pub use request::{last_event_id, SseRequest, LAST_EVENT_ID};

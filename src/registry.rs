@@ -813,6 +813,24 @@ impl fmt::Debug for Connection {
     }
 }
 
+/// A connection registered at request time, travelling with the request in
+/// its extensions so that whichever layer first sees the SSE response attaches
+/// it to the body. Layers stacked in any order thus register one connection.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionSlot(Arc<Mutex<Option<Connection>>>);
+
+impl ConnectionSlot {
+    /// A slot holding `conn`.
+    pub fn new(conn: Connection) -> Self {
+        ConnectionSlot(Arc::new(Mutex::new(Some(conn))))
+    }
+
+    /// Takes the connection out, if no one did yet.
+    pub fn take(&self) -> Option<Connection> {
+        lock(&self.0).take()
+    }
+}
+
 /// Locks a mutex, recovering it if a panic poisoned it: every guarded value
 /// here stays consistent between statements, so poisoning carries no meaning.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

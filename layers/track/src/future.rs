@@ -6,7 +6,8 @@ use http::Response;
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_sse::body::prepare_response;
-use tower_sse::{BoxError, CloseReason, Connection, SseBody, SseRequest};
+use tower_sse::layer::ensure_connection;
+use tower_sse::{BoxError, CloseReason, ConnectionSlot, Registry, SseBody, SseRequest};
 
 pin_project! {
     /// Response future of [`Track`](crate::Track).
@@ -23,7 +24,8 @@ pin_project! {
         Inner {
             #[pin]
             future: F,
-            conn: Option<Connection>,
+            slot: ConnectionSlot,
+            registry: Registry,
             sse: SseRequest,
         },
         Answered {
@@ -33,11 +35,17 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn inner(future: F, conn: Connection, sse: SseRequest) -> Self {
+    pub(crate) fn inner(
+        future: F,
+        slot: ConnectionSlot,
+        registry: Registry,
+        sse: SseRequest,
+    ) -> Self {
         ResponseFuture {
             kind: Kind::Inner {
                 future,
-                conn: Some(conn),
+                slot,
+                registry,
                 sse,
             },
         }
@@ -66,32 +74,28 @@ where
             KindProj::Answered { response } => {
                 Poll::Ready(Ok(response.take().expect("future polled after completion")))
             }
-            KindProj::Inner { future, conn, sse } => {
-                let result = ready!(future.poll(cx));
-                let Some(mut conn) = conn.take() else {
-                    panic!("future polled after completion");
-                };
-                match result {
-                    Ok(resp) => {
-                        let registry = conn.registry().clone();
-                        let (mut resp, is_stream) = prepare_response(resp, &registry);
-                        if is_stream {
-                            if let Some(id) = &sse.last_event_id {
-                                // The client says what it holds: that is the stream's position now.
-                                conn.stream().set_cursor(Some(id));
-                            }
-                            resp.body_mut().attach(conn);
-                        } else {
-                            conn.discard();
-                        }
-                        Poll::Ready(Ok(resp))
+            KindProj::Inner {
+                future,
+                slot,
+                registry,
+                sse,
+            } => match ready!(future.poll(cx)) {
+                Ok(resp) => {
+                    let (mut resp, is_stream) = prepare_response(resp, registry);
+                    if is_stream {
+                        ensure_connection(resp.body_mut(), sse, Some(slot), registry);
+                    } else if let Some(conn) = slot.take() {
+                        conn.discard();
                     }
-                    Err(e) => {
-                        conn.close(CloseReason::Error);
-                        Poll::Ready(Err(e))
-                    }
+                    Poll::Ready(Ok(resp))
                 }
-            }
+                Err(e) => {
+                    if let Some(mut conn) = slot.take() {
+                        conn.close(CloseReason::Error);
+                    }
+                    Poll::Ready(Err(e))
+                }
+            },
         }
     }
 }

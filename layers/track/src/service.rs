@@ -4,7 +4,7 @@ use http::{Request, Response, StatusCode};
 use http_body::Body;
 use tower_service::Service;
 use tower_sse::body::text_response;
-use tower_sse::{BoxError, LimitPolicy, OpenError, Registry, SseBody, SseRequest};
+use tower_sse::{BoxError, ConnectionSlot, LimitPolicy, OpenError, Registry, SseBody, SseRequest};
 
 use crate::{ResponseFuture, TrackLayer};
 
@@ -81,6 +81,8 @@ where
                 ))
             }
         };
-        ResponseFuture::inner(self.inner.call(req), conn, sse)
+        let slot = ConnectionSlot::new(conn);
+        req.extensions_mut().insert(slot.clone());
+        ResponseFuture::inner(self.inner.call(req), slot, self.registry.clone(), sse)
     }
 }
