@@ -155,7 +155,7 @@ where
                 let slot = req.extensions().get::<ConnectionSlot>().cloned();
                 StageFuture::called(self.inner.call(req), sse, slot, self)
             }
-            Err(refusal) => StageFuture::answered(refusal),
+            Err(refusal) => StageFuture::answered(refusal.into_response()),
         }
     }
 }

@@ -50,4 +50,4 @@ pub use registry::{
     CloseReason, Connection, ConnectionId, ConnectionSlot, Counter, LimitPolicy, OpenError,
     Registry,
 };
-pub use request::{last_event_id, SseRequest, LAST_EVENT_ID};
+pub use request::{last_event_id, Refusal, SseRequest, LAST_EVENT_ID};

@@ -212,7 +212,7 @@ impl Parser {
             while self.bom_matched < BOM.len() && !chunk.is_empty() {
                 if chunk[0] == BOM[self.bom_matched] {
                     self.bom_matched += 1;
-                    let _ = bytes::Buf::advance(&mut chunk, 1);
+                    bytes::Buf::advance(&mut chunk, 1);
                 } else {
                     // Not a BOM: the bytes matched so far belong to the first line.
                     self.pending.extend_from_slice(&BOM[..self.bom_matched]);
@@ -226,7 +226,7 @@ impl Parser {
         if self.skip_lf && !chunk.is_empty() {
             self.skip_lf = false;
             if chunk[0] == b'\n' {
-                let _ = bytes::Buf::advance(&mut chunk, 1);
+                bytes::Buf::advance(&mut chunk, 1);
             }
         }
         self.chunk = chunk;
@@ -428,20 +428,16 @@ fn process_line(block: &mut Block, line: &[u8], offset: usize) -> Result<bool, P
             block.data_lines += 1;
         }
         b"event" => block.event_type = Some(range),
-        b"id" => {
-            if memchr::memchr(0, value).is_none() {
-                if value.len() > EventId::MAX_LEN {
-                    return Err(ParseError::IdTooLong);
-                }
-                block.id = Some(range);
+        b"id" if memchr::memchr(0, value).is_none() => {
+            if value.len() > EventId::MAX_LEN {
+                return Err(ParseError::IdTooLong);
             }
+            block.id = Some(range);
         }
-        b"retry" => {
-            if !value.is_empty() && value.iter().all(u8::is_ascii_digit) {
-                // A value past u64::MAX is ignored rather than wrapped.
-                if let Some(ms) = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()) {
-                    block.retry = Some(ms);
-                }
+        b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
+            // A value past u64::MAX is ignored rather than wrapped.
+            if let Some(ms) = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()) {
+                block.retry = Some(ms);
             }
         }
         _ => {}

@@ -636,7 +636,7 @@ impl Registry {
         let ttl = self.inner.idle_ttl.as_millis() as u64;
         let before = streams.len();
         streams.retain(|_, s| {
-            lock(&s.connections).len() > 0 || now.saturating_sub(s.last_active_ms()) < ttl
+            !lock(&s.connections).is_empty() || now.saturating_sub(s.last_active_ms()) < ttl
         });
         if make_room && streams.len() >= self.inner.max_streams {
             let oldest = streams

@@ -40,22 +40,42 @@ impl SseRequest {
     ///     .body(()).unwrap();
     /// # let _ = &mut bad;
     /// ```
-    pub fn resolve<B>(
-        req: &mut Request<B>,
-        registry: &Registry,
-    ) -> Result<SseRequest, Response<SseBody>> {
+    pub fn resolve<B>(req: &mut Request<B>, registry: &Registry) -> Result<SseRequest, Refusal> {
         if let Some(sse) = req.extensions().get::<SseRequest>() {
             return Ok(sse.clone());
         }
         let key = registry
             .key_maker()
             .make_key(&RequestHead::of(req))
-            .map_err(|e| text_response(StatusCode::BAD_REQUEST, e.to_string()))?;
-        let last_event_id =
-            last_event_id(req.headers()).map_err(|e| text_response(StatusCode::BAD_REQUEST, e))?;
+            .map_err(|e| Refusal::bad_request(e.to_string()))?;
+        let last_event_id = last_event_id(req.headers()).map_err(Refusal::bad_request)?;
         let sse = SseRequest { key, last_event_id };
         req.extensions_mut().insert(sse.clone());
         Ok(sse)
+    }
+}
+
+/// A request a layer answers itself instead of forwarding it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The status to answer with.
+    pub status: StatusCode,
+    /// Why, as plain text.
+    pub reason: String,
+}
+
+impl Refusal {
+    /// A `400 Bad Request`.
+    pub fn bad_request(reason: impl Into<String>) -> Self {
+        Refusal {
+            status: StatusCode::BAD_REQUEST,
+            reason: reason.into(),
+        }
+    }
+
+    /// The plain-text response.
+    pub fn into_response(self) -> Response<SseBody> {
+        text_response(self.status, self.reason)
     }
 }
 

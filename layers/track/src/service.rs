@@ -67,7 +67,7 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let sse = match SseRequest::resolve(&mut req, &self.registry) {
             Ok(sse) => sse,
-            Err(refusal) => return ResponseFuture::answered(refusal),
+            Err(refusal) => return ResponseFuture::answered(refusal.into_response()),
         };
         let conn = match self.registry.open(&sse.key, self.limit) {
             Ok(conn) => conn,
