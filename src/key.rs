@@ -14,7 +14,7 @@ use http::{HeaderMap, HeaderName, Method, Uri};
 /// The longest accepted session value, in bytes.
 pub const MAX_SESSION_LEN: usize = 256;
 /// The longest accepted resource part of a key (path and query), in bytes.
-pub const MAX_RESOURCE_LEN: usize = 2048;
+pub const MAX_RESOURCE_LEN: usize = 4096;
 
 /// Identifies a stream: an optional session and a resource (path, with the query when no session is used).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -99,7 +99,7 @@ pub enum KeyError {
     #[error("invalid session identifier (1 to 256 visible ASCII characters)")]
     BadSession,
     /// The path and query are too long or hold characters a key may not hold.
-    #[error("invalid stream resource (at most 2048 visible ASCII characters)")]
+    #[error("invalid stream resource (at most 4096 visible ASCII characters)")]
     BadResource,
     /// A session is required and the request carries none.
     #[error("missing session identifier")]

@@ -51,3 +51,8 @@ pub use registry::{
     Registry,
 };
 pub use request::{last_event_id, Refusal, SseRequest, LAST_EVENT_ID};
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
