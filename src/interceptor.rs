@@ -106,6 +106,21 @@ pub trait Interceptor: Send + Sync + 'static {
         let _ = (cx, reason);
     }
 
+    /// An event was dropped because its ID was already delivered on the stream.
+    fn on_duplicate(&self, cx: &ConnectionContext<'_>, id: &EventId) {
+        let _ = (cx, id);
+    }
+
+    /// A sequential ID skipped ahead: `got` came after `previous`, `missing` IDs between.
+    fn on_gap(&self, cx: &ConnectionContext<'_>, previous: &EventId, got: &EventId, missing: u64) {
+        let _ = (cx, previous, got, missing);
+    }
+
+    /// A sequential ID went backwards without being a duplicate: `got` came after `previous`.
+    fn on_reorder(&self, cx: &ConnectionContext<'_>, previous: &EventId, got: &EventId) {
+        let _ = (cx, previous, got);
+    }
+
     /// A stream failed (malformed input, an upstream error, a store error).
     fn on_error(&self, cx: &ConnectionContext<'_>, error: &(dyn std::error::Error + 'static)) {
         let _ = (cx, error);

@@ -1,0 +1,388 @@
+//! Deliver each event ID once per stream, with gap and reorder detection.
+//!
+//! [`DedupLayer`] drops any event whose ID was already delivered on the same
+//! stream key — across all of that stream's connections and reconnects —
+//! because its state lives in the shared [`Registry`](tower_sse::Registry), not
+//! in the connection. Checking and recording an ID is one step under the
+//! stream's lock, so two connections racing with the same ID cannot both
+//! deliver it.
+//!
+//! - **Identity.** The ID is the identity: an event repeating an ID with other
+//!   data is still a duplicate (and counted as one). An ID is compared as the
+//!   client sees it, after the stream's UTF-8 decoding: bytes that are not
+//!   UTF-8 become U+FFFD, so two IDs differing only in invalid bytes are the same ID.
+//! - **Events without an ID** pass through: they have no identity to compare.
+//! - **Bounded.** A window of the last `max_tracked` IDs (default 1,024 per
+//!   stream, 16 bytes each) is kept, O(1) per event. With
+//!   [`DedupLayer::ordered`], integer and `prefix-integer` IDs are told to
+//!   increase and a high-water mark replaces the window: constant memory, and
+//!   any ID at or below the mark is a duplicate; a new prefix (a new epoch)
+//!   starts a new mark.
+//! - **Resume.** A new connection rewinds the stream's record to the position
+//!   the client resumes from (its `Last-Event-ID`, else the stream's cursor,
+//!   the last event delivered): IDs recorded but never delivered are
+//!   deliverable again. A position the window no longer holds clears it —
+//!   delivery is at-least-once, never lossy.
+//! - **Sequence checks.** For integer and `prefix-integer` IDs, a gap (7 after
+//!   5) and a reorder (5 after 7, not a duplicate) are counted, reported to
+//!   interceptors (`on_gap`, `on_reorder`), and handled by a [`SequencePolicy`]
+//!   per kind: pass (the default), drop, or close the stream. IDs that are not
+//!   sequential, or overflow `u64`, are not checked.
+//! - **Batches.** Each SSE event is one unit: many events in one upstream chunk
+//!   are checked one by one, and an event whose data is a JSON array (a
+//!   JSON-RPC batch) is one event with one ID.
+//!
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_sse::{Counter, Registry};
+//! use tower_sse_dedup::DedupLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let registry = Registry::default();
+//! let svc = ServiceBuilder::new()
+//!     .layer(DedupLayer::new(registry.clone()))
+//!     .service_fn(|_req: Request<()>| async {
+//!         let sse = b"id: 1\ndata: a\n\nid: 1\ndata: again\n\nid: 2\ndata: b\n\n";
+//!         Ok::<_, Infallible>(Response::builder()
+//!             .header("content-type", "text/event-stream")
+//!             .body(Full::new(Bytes::from_static(sse)))
+//!             .unwrap())
+//!     });
+//! let resp = svc.oneshot(Request::get("/feed").body(()).unwrap()).await.unwrap();
+//! let body = resp.into_body().collect().await.unwrap().to_bytes();
+//! assert_eq!(&body[..], b"id: 1\ndata: a\n\nid: 2\ndata: b\n\n");
+//! assert_eq!(registry.counters().get(Counter::Duplicates), 1);
+//! # }
+//! ```
+//!
+//! # Customisation
+//!
+//! Increasing integer IDs, gaps closing the stream so the client reconnects and resumes:
+//!
+//! ```
+//! use tower_sse::Registry;
+//! use tower_sse_dedup::{DedupLayer, SequencePolicy};
+//!
+//! let layer = DedupLayer::new(Registry::default())
+//!     .ordered()
+//!     .on_gap(SequencePolicy::Close)
+//!     .on_reorder(SequencePolicy::Drop);
+//! # let _ = layer;
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod window;
+
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll};
+
+use tower_layer::Layer;
+use tower_sse::body::Below;
+use tower_sse::layer::{MakeStage, StageLayer, StageService};
+use tower_sse::parse::Frame;
+use tower_sse::{
+    BoxError, Close, CloseReason, Connection, Counter, EventId, Registry, SseRequest, Stage,
+};
+
+use window::{Sequence, Window};
+
+/// The default number of IDs remembered per stream.
+pub const DEFAULT_MAX_TRACKED: usize = 1024;
+
+/// What to do with an event that breaks the sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SequencePolicy {
+    /// Deliver it (it is still counted and reported).
+    #[default]
+    Pass,
+    /// Drop it.
+    Drop,
+    /// End the stream with reason [`CloseReason::Policy`]; a client resuming
+    /// from its last ID gets the missing events from a resumable upstream.
+    Close,
+}
+
+#[derive(Debug, Clone)]
+struct Config {
+    max_tracked: usize,
+    ordered: bool,
+    on_gap: SequencePolicy,
+    on_reorder: SequencePolicy,
+    seed: u64,
+}
+
+/// Drops events whose ID was already delivered on the stream. See the [crate docs](crate).
+#[derive(Debug, Clone)]
+pub struct DedupLayer {
+    registry: Registry,
+    config: Config,
+}
+
+/// The middleware [`DedupLayer`] builds.
+pub type Dedup<S> = StageService<S, MakeDedup>;
+
+impl DedupLayer {
+    /// Deduplicates within `registry`'s streams with the defaults: a window of
+    /// [`DEFAULT_MAX_TRACKED`] IDs, sequence violations passed and counted.
+    pub fn new(registry: Registry) -> Self {
+        DedupLayer {
+            registry,
+            config: Config {
+                max_tracked: DEFAULT_MAX_TRACKED,
+                ordered: false,
+                on_gap: SequencePolicy::Pass,
+                on_reorder: SequencePolicy::Pass,
+                seed: std::hash::RandomState::new().hash_one(0x5eed_u64),
+            },
+        }
+    }
+
+    /// How many IDs to remember per stream (at least 1).
+    pub fn max_tracked(mut self, n: usize) -> Self {
+        self.config.max_tracked = n.max(1);
+        self
+    }
+
+    /// Declares that integer and `prefix-integer` IDs increase: a high-water
+    /// mark replaces the window for them.
+    pub fn ordered(mut self) -> Self {
+        self.config.ordered = true;
+        self
+    }
+
+    /// The policy for gaps.
+    pub fn on_gap(mut self, policy: SequencePolicy) -> Self {
+        self.config.on_gap = policy;
+        self
+    }
+
+    /// The policy for reorders.
+    pub fn on_reorder(mut self, policy: SequencePolicy) -> Self {
+        self.config.on_reorder = policy;
+        self
+    }
+}
+
+impl<S> Layer<S> for DedupLayer {
+    type Service = Dedup<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        StageLayer::new(
+            self.registry.clone(),
+            MakeDedup {
+                config: Arc::new(self.config.clone()),
+            },
+        )
+        .layer(inner)
+    }
+}
+
+/// Makes the dedup stage of each connection.
+#[derive(Debug, Clone)]
+pub struct MakeDedup {
+    config: Arc<Config>,
+}
+
+/// The per-stream dedup state kept in the registry.
+#[derive(Debug)]
+pub struct DedupState {
+    window: Mutex<Window>,
+}
+
+impl DedupState {
+    fn lock(&self) -> MutexGuard<'_, Window> {
+        self.window.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The number of IDs held in the window.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether the window is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes allocated by the window.
+    pub fn allocated_bytes(&self) -> usize {
+        self.lock().allocated_bytes()
+    }
+}
+
+impl MakeStage for MakeDedup {
+    type Stage = DedupStage;
+
+    fn make_stage(&self, _request: &SseRequest, conn: &Connection) -> Option<DedupStage> {
+        let config = self.config.clone();
+        let state = conn.stream().extension(|| DedupState {
+            window: Mutex::new(Window::new(config.max_tracked, config.ordered, config.seed)),
+        });
+        // Resume point: the cursor, which the track layer set from Last-Event-ID.
+        let cursor = conn.stream().cursor();
+        state.lock().rewind(cursor.as_deref());
+        Some(DedupStage { state, config })
+    }
+}
+
+/// The per-connection stage of [`DedupLayer`].
+pub struct DedupStage {
+    state: Arc<DedupState>,
+    config: Arc<Config>,
+}
+
+enum Verdict {
+    Pass,
+    Drop,
+    Close(String),
+}
+
+impl DedupStage {
+    fn judge(&self, id: &EventId, below: &Below<'_>) -> Verdict {
+        let (check, verdict) = {
+            let mut window = self.state.lock();
+            let check = window.check(id);
+            let policy = match check.sequence {
+                _ if check.duplicate => SequencePolicy::Drop,
+                Sequence::InOrder => SequencePolicy::Pass,
+                Sequence::Gap { .. } => self.config.on_gap,
+                Sequence::Reorder { .. } => self.config.on_reorder,
+            };
+            let verdict = match policy {
+                SequencePolicy::Pass => {
+                    window.record(id);
+                    Verdict::Pass
+                }
+                SequencePolicy::Drop => Verdict::Drop,
+                SequencePolicy::Close => Verdict::Close(match &check.sequence {
+                    Sequence::Gap { previous, missing } => {
+                        format!("gap: {missing} IDs missing between {previous} and {id}")
+                    }
+                    Sequence::Reorder { previous } => format!("reorder: {id} after {previous}"),
+                    Sequence::InOrder => String::new(),
+                }),
+            };
+            (check, verdict)
+        };
+        if check.duplicate || check.sequence != Sequence::InOrder {
+            if let Some(conn) = below.connection() {
+                report(conn, id, check.duplicate, &check.sequence);
+            }
+        }
+        verdict
+    }
+}
+
+/// Counts and fires hooks, outside the window's lock.
+fn report(conn: &Connection, id: &EventId, duplicate: bool, sequence: &Sequence) {
+    let registry = conn.registry();
+    let stream = conn.stream();
+    let interceptors = registry.interceptors();
+    let cx = conn.context();
+    let prefix = id.sequence().map_or("", |(p, _)| p);
+    let previous_id = |n: u64| EventId::new(format!("{prefix}{n}")).ok();
+    if duplicate {
+        registry.count(stream, Counter::Duplicates, 1);
+        tracing::trace!(stream = %stream.key(), %id, "duplicate dropped");
+        if !interceptors.is_empty() {
+            interceptors.fire(registry, Some(stream), |i| i.on_duplicate(&cx, id));
+        }
+        return;
+    }
+    match sequence {
+        Sequence::InOrder => {}
+        Sequence::Gap { previous, missing } => {
+            registry.count(stream, Counter::Gaps, 1);
+            tracing::debug!(stream = %stream.key(), %id, previous, missing, "gap in event IDs");
+            if let (false, Some(prev)) = (interceptors.is_empty(), previous_id(*previous)) {
+                interceptors.fire(registry, Some(stream), |i| {
+                    i.on_gap(&cx, &prev, id, *missing)
+                });
+            }
+        }
+        Sequence::Reorder { previous } => {
+            registry.count(stream, Counter::Reorders, 1);
+            tracing::debug!(stream = %stream.key(), %id, previous, "event IDs out of order");
+            if let (false, Some(prev)) = (interceptors.is_empty(), previous_id(*previous)) {
+                interceptors.fire(registry, Some(stream), |i| i.on_reorder(&cx, &prev, id));
+            }
+        }
+    }
+}
+
+impl Stage for DedupStage {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        below: &mut Below<'_>,
+    ) -> Poll<Option<Result<Frame, BoxError>>> {
+        loop {
+            let frame = ready!(below.poll_frame(cx));
+            let Some(Ok(Frame::Event(event))) = &frame else {
+                return Poll::Ready(frame);
+            };
+            let Some(id) = event.id() else {
+                return Poll::Ready(frame);
+            };
+            match self.judge(id, below) {
+                Verdict::Pass => return Poll::Ready(frame),
+                Verdict::Drop => continue,
+                Verdict::Close(detail) => {
+                    return Poll::Ready(Some(Err(Box::new(Close::new(
+                        CloseReason::Policy,
+                        detail,
+                    )))))
+                }
+            }
+        }
+    }
+}
+
+#[doc(hidden)]
+pub mod bench {
+    //! The window alone, for benchmarks.
+    use tower_sse::EventId;
+
+    /// A window outside any registry.
+    pub struct Window(super::Window);
+
+    impl Window {
+        /// A window of `capacity` IDs.
+        pub fn new(capacity: usize, ordered: bool) -> Self {
+            Window(super::Window::new(capacity, ordered, 0x1234_5678))
+        }
+
+        /// Checks and records `id`; `true` if it is new.
+        pub fn offer(&mut self, id: &EventId) -> bool {
+            if self.0.check(id).duplicate {
+                return false;
+            }
+            self.0.record(id);
+            true
+        }
+
+        /// IDs held.
+        pub fn len(&self) -> usize {
+            self.0.len()
+        }
+
+        /// Whether empty.
+        pub fn is_empty(&self) -> bool {
+            self.0.len() == 0
+        }
+
+        /// Bytes allocated.
+        pub fn allocated_bytes(&self) -> usize {
+            self.0.allocated_bytes()
+        }
+    }
+}

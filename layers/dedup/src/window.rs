@@ -1,0 +1,322 @@
+//! The per-stream record of delivered IDs.
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use tower_sse::EventId;
+
+/// What checking an ID found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Check {
+    /// The ID is a duplicate.
+    pub duplicate: bool,
+    /// What the ID says about the sequence.
+    pub sequence: Sequence,
+}
+
+/// Sequence findings for integer and `prefix-integer` IDs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Sequence {
+    /// In order, the first of its prefix, or not a sequential ID.
+    InOrder,
+    /// IDs were skipped: `missing` between `previous` and this one.
+    Gap { previous: u64, missing: u64 },
+    /// This ID is below `previous` and not a duplicate.
+    Reorder { previous: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Position {
+    prefix: Box<str>,
+    n: u64,
+}
+
+/// A bounded window of fingerprints of the last `capacity` recorded IDs, in
+/// record order, plus the high-water mark and last position for sequential IDs.
+///
+/// Fingerprints are 64-bit keyed hashes (a random key per process), so the
+/// window holds 16 bytes per ID however long IDs are; two distinct IDs collide
+/// with probability about `capacity / 2^64` per check.
+#[derive(Debug)]
+pub(crate) struct Window {
+    capacity: usize,
+    ordered: bool,
+    seed: u64,
+    ring: VecDeque<u64>,
+    set: HashSet<u64, BuildHasherDefault<Prehashed>>,
+    mark: Option<Position>,
+    last: Option<Position>,
+}
+
+impl Window {
+    pub(crate) fn new(capacity: usize, ordered: bool, seed: u64) -> Self {
+        Window {
+            capacity: capacity.max(1),
+            ordered,
+            seed,
+            ring: VecDeque::new(),
+            set: HashSet::default(),
+            mark: None,
+            last: None,
+        }
+    }
+
+    /// The number of fingerprints held.
+    pub(crate) fn len(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// Bytes allocated by the window's collections.
+    pub(crate) fn allocated_bytes(&self) -> usize {
+        self.ring.capacity() * 8 + self.set.capacity() * 16
+    }
+
+    /// Checks `id` without recording it.
+    pub(crate) fn check(&self, id: &EventId) -> Check {
+        let seq = id.sequence();
+        let duplicate = match (self.ordered, seq, &self.mark) {
+            (true, Some((p, n)), Some(mark)) if *mark.prefix == *p => n <= mark.n,
+            (true, Some(_), _) => false,
+            _ => self.set.contains(&fingerprint(self.seed, id.as_bytes())),
+        };
+        let sequence = match (seq, &self.last) {
+            (Some((p, n)), Some(last)) if *last.prefix == *p && !duplicate => {
+                if n > last.n.saturating_add(1) {
+                    Sequence::Gap {
+                        previous: last.n,
+                        missing: n - last.n - 1,
+                    }
+                } else if n <= last.n {
+                    Sequence::Reorder { previous: last.n }
+                } else {
+                    Sequence::InOrder
+                }
+            }
+            _ => Sequence::InOrder,
+        };
+        Check {
+            duplicate,
+            sequence,
+        }
+    }
+
+    /// Records `id` as delivered.
+    pub(crate) fn record(&mut self, id: &EventId) {
+        let seq = id.sequence();
+        if let Some((p, n)) = seq {
+            advance(&mut self.last, p, n);
+            if self.ordered {
+                advance(&mut self.mark, p, n);
+                return;
+            }
+        }
+        let fp = fingerprint(self.seed, id.as_bytes());
+        if !self.set.insert(fp) {
+            return;
+        }
+        if self.ring.len() == self.capacity {
+            if let Some(old) = self.ring.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        self.ring.push_back(fp);
+    }
+
+    /// Forgets everything recorded after `to`, the position a connection resumes
+    /// from: IDs recorded but never delivered must be deliverable again. With no
+    /// position, or one the window does not hold, the window is cleared: a
+    /// duplicate is then possible, a loss is not.
+    pub(crate) fn rewind(&mut self, to: Option<&EventId>) {
+        let Some(to) = to else {
+            self.clear();
+            return;
+        };
+        if let Some((p, n)) = to.sequence() {
+            self.last = Some(Position {
+                prefix: p.into(),
+                n,
+            });
+            if self.ordered {
+                self.mark = self.last.clone();
+                return;
+            }
+        }
+        let fp = fingerprint(self.seed, to.as_bytes());
+        match self.ring.iter().rposition(|f| *f == fp) {
+            Some(pos) => {
+                for dropped in self.ring.drain(pos + 1..) {
+                    self.set.remove(&dropped);
+                }
+            }
+            None => {
+                let last = self.last.take();
+                self.clear();
+                self.last = last;
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.ring.clear();
+        self.set.clear();
+        self.mark = None;
+        self.last = None;
+    }
+}
+
+/// Moves a position forward; a new prefix (a new epoch, say) starts over.
+fn advance(pos: &mut Option<Position>, prefix: &str, n: u64) {
+    match pos {
+        Some(p) if *p.prefix == *prefix => p.n = p.n.max(n),
+        _ => {
+            *pos = Some(Position {
+                prefix: prefix.into(),
+                n,
+            })
+        }
+    }
+}
+
+/// A keyed 64-bit fingerprint (folded multiply, as in foldhash): a few
+/// nanoseconds for a short ID.
+pub(crate) fn fingerprint(seed: u64, bytes: &[u8]) -> u64 {
+    const K1: u64 = 0x9e37_79b9_7f4a_7c15;
+    const K2: u64 = 0xd6e8_feb8_6659_fd93;
+    let mut h = seed ^ (bytes.len() as u64).wrapping_mul(K1);
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(c);
+        h = fold(h ^ u64::from_le_bytes(word), K1);
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut word = [0u8; 8];
+        word[..rest.len()].copy_from_slice(rest);
+        h = fold(h ^ u64::from_le_bytes(word), K2);
+    }
+    fold(h, K2)
+}
+
+fn fold(a: u64, b: u64) -> u64 {
+    let r = (a as u128).wrapping_mul(b as u128);
+    (r as u64) ^ ((r >> 64) as u64)
+}
+
+/// A hasher for keys that already are well-mixed 64-bit fingerprints.
+#[derive(Default)]
+pub(crate) struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> EventId {
+        EventId::new(s.to_owned()).unwrap()
+    }
+
+    fn offer(w: &mut Window, s: &str) -> Check {
+        let c = w.check(&id(s));
+        if !c.duplicate {
+            w.record(&id(s));
+        }
+        c
+    }
+
+    #[test]
+    fn duplicates_within_the_window() {
+        let mut w = Window::new(2, false, 1);
+        assert!(!offer(&mut w, "a").duplicate);
+        assert!(offer(&mut w, "a").duplicate);
+        assert!(!offer(&mut w, "b").duplicate);
+        assert!(!offer(&mut w, "c").duplicate); // evicts "a"
+        assert!(!offer(&mut w, "a").duplicate);
+        assert_eq!(w.len(), 2);
+    }
+
+    #[test]
+    fn ordered_mark() {
+        let mut w = Window::new(2, true, 1);
+        for n in 1..=100 {
+            assert!(!offer(&mut w, &format!("e1-{n}")).duplicate);
+        }
+        assert!(offer(&mut w, "e1-3").duplicate);
+        assert!(offer(&mut w, "e1-100").duplicate);
+        // A new prefix starts over.
+        assert!(!offer(&mut w, "e2-1").duplicate);
+        assert_eq!(w.len(), 0, "the mark replaces the window");
+    }
+
+    #[test]
+    fn gaps_and_reorders() {
+        let mut w = Window::new(16, false, 1);
+        offer(&mut w, "5");
+        assert_eq!(
+            offer(&mut w, "7").sequence,
+            Sequence::Gap {
+                previous: 5,
+                missing: 1
+            }
+        );
+        assert_eq!(
+            offer(&mut w, "6").sequence,
+            Sequence::Reorder { previous: 7 }
+        );
+        assert_eq!(offer(&mut w, "8").sequence, Sequence::InOrder);
+        // A duplicate is a duplicate, not a reorder.
+        let c = offer(&mut w, "6");
+        assert!(c.duplicate);
+        assert_eq!(c.sequence, Sequence::InOrder);
+        // u64 overflow: not a sequence.
+        assert_eq!(
+            offer(&mut w, "99999999999999999999").sequence,
+            Sequence::InOrder
+        );
+    }
+
+    #[test]
+    fn rewind_forgets_what_came_after() {
+        let mut w = Window::new(16, false, 1);
+        for s in ["a", "b", "c", "d"] {
+            offer(&mut w, s);
+        }
+        w.rewind(Some(&id("b")));
+        assert!(offer(&mut w, "a").duplicate);
+        assert!(offer(&mut w, "b").duplicate);
+        assert!(!offer(&mut w, "c").duplicate);
+        w.rewind(Some(&id("zzz")));
+        assert_eq!(w.len(), 0);
+        let mut o = Window::new(16, true, 1);
+        for n in 1..=10 {
+            offer(&mut o, &n.to_string());
+        }
+        o.rewind(Some(&id("4")));
+        assert!(offer(&mut o, "4").duplicate);
+        assert!(!offer(&mut o, "5").duplicate);
+    }
+
+    #[test]
+    fn fingerprints_differ() {
+        let a = fingerprint(7, b"event-1");
+        assert_ne!(a, fingerprint(7, b"event-2"));
+        assert_ne!(a, fingerprint(8, b"event-1"));
+        assert_ne!(fingerprint(7, b""), fingerprint(7, b"\0"));
+        assert_ne!(fingerprint(7, b"12345678"), fingerprint(7, b"12345678\0"));
+    }
+}
