@@ -1,0 +1,167 @@
+//! Per-event cost of the dedup window against the earlier system's approach
+//! (a `VecDeque<String>` scanned linearly under a lock) and a
+//! `Mutex<HashSet<String>>`, at windows of 1 Ki and 64 Ki IDs, in steady state
+//! (window full, every new ID evicting the oldest).
+//!
+//! `cargo bench -p tower-sse-dedup --bench dedup`
+
+use std::collections::{HashSet, VecDeque};
+use std::hint::black_box;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use tower_sse::EventId;
+use tower_sse_dedup::bench::Window;
+
+const BATCH: usize = 4096;
+
+fn ids(from: usize, n: usize) -> Vec<EventId> {
+    (from..from + n)
+        .map(|i| EventId::new(format!("evt-{i}")).unwrap())
+        .collect()
+}
+
+/// The earlier system's tracker: a ring of strings scanned linearly under a lock.
+struct LinearScan {
+    cap: usize,
+    seen: Mutex<VecDeque<String>>,
+}
+
+impl LinearScan {
+    fn offer(&self, id: &str) -> bool {
+        let mut seen = self.seen.lock().unwrap();
+        if seen.iter().any(|s| s == id) {
+            return false;
+        }
+        if seen.len() == self.cap {
+            seen.pop_front();
+        }
+        seen.push_back(id.to_owned());
+        true
+    }
+}
+
+/// A hash set of strings with a FIFO for eviction, under a lock.
+struct HashSetOfStrings {
+    cap: usize,
+    inner: Mutex<(HashSet<String>, VecDeque<String>)>,
+}
+
+impl HashSetOfStrings {
+    fn offer(&self, id: &str) -> bool {
+        let mut guard = self.inner.lock().unwrap();
+        let (set, order) = &mut *guard;
+        if set.contains(id) {
+            return false;
+        }
+        if order.len() == self.cap {
+            if let Some(old) = order.pop_front() {
+                set.remove(&old);
+            }
+        }
+        set.insert(id.to_owned());
+        order.push_back(id.to_owned());
+        true
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let mut group = c.benchmark_group("dedup");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(3));
+    group.warm_up_time(Duration::from_millis(500));
+
+    for cap in [1024usize, 65536] {
+        let warm = ids(0, cap);
+        // A long run of fresh IDs, consumed BATCH at a time, so every offer is a miss that evicts.
+        let fresh = ids(cap, BATCH * 64);
+
+        let window = Mutex::new(Window::new(cap, false));
+        for id in &warm {
+            window.lock().unwrap().offer(id);
+        }
+        let mut at = 0;
+        group.bench_with_input(BenchmarkId::new("tower-sse window", cap), &cap, |b, _| {
+            b.iter(|| {
+                let batch = &fresh[at..at + BATCH];
+                at = (at + BATCH) % fresh.len();
+                for id in batch {
+                    black_box(window.lock().unwrap().offer(id));
+                }
+            })
+        });
+
+        let ordered = Mutex::new(Window::new(cap, true));
+        let seq: Vec<EventId> = (0..BATCH * 64)
+            .map(|i| EventId::from_u64(i as u64))
+            .collect();
+        let mut at = 0;
+        group.bench_with_input(
+            BenchmarkId::new("tower-sse ordered mark", cap),
+            &cap,
+            |b, _| {
+                b.iter(|| {
+                    let batch = &seq[at..at + BATCH];
+                    at = (at + BATCH) % seq.len();
+                    for id in batch {
+                        black_box(ordered.lock().unwrap().offer(id));
+                    }
+                })
+            },
+        );
+
+        let hs = HashSetOfStrings {
+            cap,
+            inner: Mutex::new((HashSet::new(), VecDeque::new())),
+        };
+        for id in &warm {
+            hs.offer(id.as_str());
+        }
+        let mut at = 0;
+        group.bench_with_input(
+            BenchmarkId::new("Mutex<HashSet<String>>", cap),
+            &cap,
+            |b, _| {
+                b.iter(|| {
+                    let batch = &fresh[at..at + BATCH];
+                    at = (at + BATCH) % fresh.len();
+                    for id in batch {
+                        black_box(hs.offer(id.as_str()));
+                    }
+                })
+            },
+        );
+
+        let linear = LinearScan {
+            cap,
+            seen: Mutex::new(VecDeque::new()),
+        };
+        for id in &warm {
+            linear.offer(id.as_str());
+        }
+        let mut at = 0;
+        if cap > 4096 {
+            group.sample_size(10);
+        }
+        group.bench_with_input(
+            BenchmarkId::new("linear scan VecDeque<String>", cap),
+            &cap,
+            |b, _| {
+                b.iter(|| {
+                    let batch = &fresh[at..at + BATCH];
+                    at = (at + BATCH) % fresh.len();
+                    for id in batch {
+                        black_box(linear.offer(id.as_str()));
+                    }
+                })
+            },
+        );
+        group.sample_size(20);
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
