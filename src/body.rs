@@ -18,7 +18,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use bytes::{Buf, Bytes};
 use http::{HeaderMap, Response, StatusCode};
@@ -218,12 +218,18 @@ pub struct Base {
     source: Box<dyn Source>,
     parser: Parser,
     done: bool,
+    arrived: Option<Instant>,
+    stamp_arrival: bool,
 }
 
 impl Base {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, BoxError>>> {
         loop {
             match self.parser.next_frame() {
+                Ok(Some(Frame::Event(mut ev))) => {
+                    ev.arrived = self.arrived;
+                    return Poll::Ready(Some(Ok(Frame::Event(ev))));
+                }
                 Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
                 Ok(None) => {}
                 Err(e) => return Poll::Ready(Some(Err(Box::new(e)))),
@@ -232,7 +238,12 @@ impl Base {
                 return Poll::Ready(None);
             }
             match std::task::ready!(self.source.poll_next(cx)) {
-                Some(Ok(SourceItem::Data(bytes))) => self.parser.feed(bytes),
+                Some(Ok(SourceItem::Data(bytes))) => {
+                    if self.stamp_arrival {
+                        self.arrived = Some(Instant::now());
+                    }
+                    self.parser.feed(bytes)
+                }
                 Some(Ok(SourceItem::Restart)) => self.parser.restart(),
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 None => {
@@ -328,6 +339,8 @@ impl SseBody {
                     source: Box::new(source),
                     parser: Parser::new(registry.parser_limits()),
                     done: false,
+                    arrived: None,
+                    stamp_arrival: registry.latency().is_enabled(),
                 },
                 stages: Vec::new(),
                 conn: None,
@@ -511,6 +524,9 @@ impl Pipeline {
                             }
                         }
                         stream.set_cursor(event.last_event_id());
+                        if let Some(arrived) = event.arrived() {
+                            registry.latency().record(arrived.elapsed());
+                        }
                         registry.count(stream, Counter::EventsDelivered, 1);
                         registry.count(stream, Counter::BytesDelivered, event.raw().len() as u64);
                     }

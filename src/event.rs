@@ -173,6 +173,7 @@ pub struct Event {
     pub(crate) event_type: Option<Range<u32>>,
     pub(crate) data: DataRepr,
     pub(crate) retry: Option<u64>,
+    pub(crate) arrived: Option<std::time::Instant>,
 }
 
 impl Event {
@@ -270,6 +271,12 @@ impl Event {
     /// The `retry` value in milliseconds, when the event block carried a valid one.
     pub fn retry(&self) -> Option<u64> {
         self.retry
+    }
+
+    /// When the chunk that completed this event arrived from the source, for
+    /// events read from a stream; `None` for events built or replayed.
+    pub fn arrived(&self) -> Option<std::time::Instant> {
+        self.arrived
     }
 
     /// A copy owning its bytes, so that keeping it does not pin the chunk it came in.

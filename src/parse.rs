@@ -95,6 +95,18 @@ struct Block {
     retry: Option<u64>,
 }
 
+impl Block {
+    /// Moves every range `by` bytes later, for bytes put in front of the block.
+    fn shift(&mut self, by: u32) {
+        for r in [&mut self.event_type, &mut self.first_data, &mut self.id]
+            .into_iter()
+            .flatten()
+        {
+            *r = r.start + by..r.end + by;
+        }
+    }
+}
+
 /// An incremental, pull-based SSE parser.
 ///
 /// ```
@@ -127,6 +139,8 @@ pub struct Parser {
     skip_lf: bool,
     bom_matched: usize,
     bom_done: bool,
+    /// A whole BOM was skipped and no frame has been dispatched since.
+    bom_skipped: bool,
     block: Block,
     last_id: Option<EventId>,
     retry: Option<u64>,
@@ -146,6 +160,7 @@ impl Parser {
             skip_lf: false,
             bom_matched: 0,
             bom_done: false,
+            bom_skipped: false,
             block: Block::default(),
             last_id: None,
             retry: None,
@@ -190,6 +205,7 @@ impl Parser {
         self.skip_lf = false;
         self.bom_matched = 0;
         self.bom_done = false;
+        self.bom_skipped = false;
         self.block = Block::default();
         self.failed = None;
     }
@@ -213,6 +229,7 @@ impl Parser {
                 if chunk[0] == BOM[self.bom_matched] {
                     self.bom_matched += 1;
                     bytes::Buf::advance(&mut chunk, 1);
+                    self.bom_skipped = self.bom_matched == BOM.len();
                 } else {
                     // Not a BOM: the bytes matched so far belong to the first line.
                     self.pending.extend_from_slice(&BOM[..self.bom_matched]);
@@ -227,6 +244,16 @@ impl Parser {
             self.skip_lf = false;
             if chunk[0] == b'\n' {
                 bytes::Buf::advance(&mut chunk, 1);
+                // The CR that ended the previous chunk ended a line of a block still
+                // pending: the LF belongs to that block's raw bytes. Dropped, it would
+                // pair the CR with a later LF when the raw bytes are forwarded, so
+                // "a\r" + "\n\n" would go out as "a\r\n", a block with no blank line.
+                // (When the CR ended the block itself, the frame is already out and
+                // the LF is dropped: a CR alone ends the line just as well.)
+                if !self.pending.is_empty() {
+                    self.pending.extend_from_slice(b"\n");
+                    self.line_start = self.pending.len();
+                }
             }
         }
         self.chunk = chunk;
@@ -355,7 +382,17 @@ impl Parser {
     }
 
     fn dispatch(&mut self, raw: Bytes) -> Frame {
-        let block = std::mem::take(&mut self.block);
+        let mut block = std::mem::take(&mut self.block);
+        let raw = if std::mem::take(&mut self.bom_skipped) && raw.starts_with(BOM) {
+            // The stream began with two BOMs: the second is part of the first line.
+            // Forwarded as they are, these bytes would begin the client's stream with
+            // a BOM that the client strips, changing that line's meaning; the skipped
+            // BOM goes back in front (mid-stream the line means the same either way).
+            block.shift(BOM.len() as u32);
+            Bytes::from([BOM, &raw[..]].concat())
+        } else {
+            raw
+        };
         let has_id_field = block.id.is_some();
         if let Some(r) = block.id {
             let value = &raw[r.start as usize..r.end as usize];
@@ -389,6 +426,7 @@ impl Parser {
             event_type: block.event_type,
             data,
             retry: block.retry,
+            arrived: None,
         })
     }
 }
@@ -429,7 +467,12 @@ fn process_line(block: &mut Block, line: &[u8], offset: usize) -> Result<bool, P
         }
         b"event" => block.event_type = Some(range),
         b"id" if memchr::memchr(0, value).is_none() => {
-            if value.len() > EventId::MAX_LEN {
+            // Invalid UTF-8 decodes to U+FFFD, up to three times longer, and it is
+            // the decoded ID that a client sends back in `Last-Event-ID`.
+            let too_long = value.len() > EventId::MAX_LEN
+                || (std::str::from_utf8(value).is_err()
+                    && String::from_utf8_lossy(value).len() > EventId::MAX_LEN);
+            if too_long {
                 return Err(ParseError::IdTooLong);
             }
             block.id = Some(range);

@@ -243,6 +243,81 @@ impl fmt::Debug for Counters {
     }
 }
 
+/// A histogram of durations in power-of-two microsecond buckets: bucket `i`
+/// counts durations below `2^i` µs (the last bucket takes everything longer).
+/// Recording is one relaxed atomic add.
+pub struct Histogram {
+    enabled: AtomicBool,
+    buckets: [AtomicU64; Histogram::BUCKETS],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// The number of buckets: up to 2^27 µs (about 134 s).
+    pub const BUCKETS: usize = 28;
+
+    fn new() -> Self {
+        Histogram {
+            enabled: AtomicBool::new(false),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Starts recording (layers that report it turn it on; it costs a clock read per event).
+    pub fn enable(&self) {
+        self.enabled.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether it records.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Records one duration.
+    pub fn record(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = (64 - us.leading_zeros() as usize).min(Self::BUCKETS - 1);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// `(upper bound in µs, count)` per bucket; the last bound is `u64::MAX`.
+    pub fn buckets(&self) -> Vec<(u64, u64)> {
+        self.buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let bound = if i == Self::BUCKETS - 1 {
+                    u64::MAX
+                } else {
+                    1u64 << i
+                };
+                (bound, b.load(Ordering::Relaxed))
+            })
+            .collect()
+    }
+
+    /// The number of durations recorded.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The sum of durations recorded, in µs.
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us.load(Ordering::Relaxed)
+    }
+}
+
+impl fmt::Debug for Histogram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Histogram")
+            .field("count", &self.count())
+            .field("sum_us", &self.sum_us())
+            .finish()
+    }
+}
+
 /// One registered connection.
 pub struct ConnectionEntry {
     id: ConnectionId,
@@ -434,6 +509,7 @@ struct Inner {
     idle_ttl: Duration,
     last_sweep_ms: AtomicU64,
     limits: Limits,
+    latency: Histogram,
 }
 
 /// The shared registry. Cheap to clone; build one per application.
@@ -527,6 +603,7 @@ impl RegistryBuilder {
                 idle_ttl: self.idle_ttl,
                 last_sweep_ms: AtomicU64::new(0),
                 limits: self.limits,
+                latency: Histogram::new(),
             }),
         }
     }
@@ -542,6 +619,11 @@ impl Registry {
             idle_ttl: Duration::from_secs(600),
             limits: Limits::default(),
         }
+    }
+
+    /// Time from an event's arrival from upstream to its delivery to the client.
+    pub fn latency(&self) -> &Histogram {
+        &self.inner.latency
     }
 
     /// The parser limits every stream of this registry is parsed with.
