@@ -121,6 +121,11 @@ pub trait Interceptor: Send + Sync + 'static {
         let _ = (cx, previous, got);
     }
 
+    /// A connection's inner stream stayed silent past the idle limit; it is being closed.
+    fn on_idle(&self, cx: &ConnectionContext<'_>, silent_for: std::time::Duration) {
+        let _ = (cx, silent_for);
+    }
+
     /// A stream failed (malformed input, an upstream error, a store error).
     fn on_error(&self, cx: &ConnectionContext<'_>, error: &(dyn std::error::Error + 'static)) {
         let _ = (cx, error);

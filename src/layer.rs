@@ -70,6 +70,11 @@ pub trait MakeStage: Clone + Send + Sync + 'static {
     type Stage: Stage;
     /// The stage for this response, if any.
     fn make_stage(&self, request: &SseRequest, conn: &Connection) -> Option<Self::Stage>;
+
+    /// Adjusts the headers of an SSE response (called before `make_stage`).
+    fn on_response_headers(&self, headers: &mut http::HeaderMap) {
+        let _ = headers;
+    }
 }
 
 impl<F, S> MakeStage for F
@@ -238,6 +243,7 @@ where
                 let resp = ready!(future.poll(cx))?;
                 let (mut resp, is_stream) = prepare_response(resp, registry);
                 if is_stream {
+                    make.on_response_headers(resp.headers_mut());
                     append_stage(resp.body_mut(), sse, slot.as_ref(), registry, make);
                 }
                 Poll::Ready(Ok(resp))

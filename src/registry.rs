@@ -322,6 +322,7 @@ impl fmt::Debug for Histogram {
 pub struct ConnectionEntry {
     id: ConnectionId,
     opened: Instant,
+    last_activity_ms: AtomicU64,
     state: AtomicU8,
     kill: AtomicBool,
     kill_reason: AtomicU8,
@@ -340,6 +341,16 @@ impl ConnectionEntry {
     /// When the connection was registered.
     pub fn opened(&self) -> Instant {
         self.opened
+    }
+
+    /// Records activity at `now_ms` ([`Registry::now_ms`]): bytes from the inner stream or events to the client.
+    pub fn touch(&self, now_ms: u64) {
+        self.last_activity_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// The time of the last recorded activity, in [`Registry::now_ms`] milliseconds.
+    pub fn last_activity_ms(&self) -> u64 {
+        self.last_activity_ms.load(Ordering::Relaxed)
     }
 
     /// The connection's state.
@@ -775,6 +786,7 @@ impl Registry {
             let entry = Arc::new(ConnectionEntry {
                 id: ConnectionId(self.inner.next_conn.fetch_add(1, Ordering::Relaxed)),
                 opened: Instant::now(),
+                last_activity_ms: AtomicU64::new(self.now_ms()),
                 state: AtomicU8::new(STATE_OPENING),
                 kill: AtomicBool::new(false),
                 kill_reason: AtomicU8::new(0),
