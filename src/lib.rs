@@ -39,6 +39,7 @@ pub mod layer;
 pub mod parse;
 pub mod registry;
 mod request;
+pub mod store;
 
 pub use body::{BoxError, Close, SseBody, Stage};
 pub use event::{encode_comment, EncodeError, Event, EventBuilder, EventId, InvalidEventId};

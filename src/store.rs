@@ -1,0 +1,575 @@
+//! The event store: history and cursors that outlive connections.
+//!
+//! [`EventStore`] is object-safe (`Arc<dyn EventStore>`). Backends: the
+//! bounded [`MemoryStore`] here (a new epoch per process), redb in
+//! `tower-sse-persist` (durable, the default on disk), Redis in `tower-sse-redis`.
+//!
+//! Every event is stored with a per-stream sequence number assigned by the
+//! layer in delivery order. Each stream's history lives under its own key, so a
+//! cursor can only ever replay its own stream's events (replay isolation).
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::event::EventId;
+use crate::key::StreamKey;
+use crate::registry::{lock, Counter};
+
+/// A boxed future, as the store's methods return (keeps the trait object-safe).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One stored event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// The stream's sequence number of the event (1, 2, ...), in delivery order.
+    pub seq: u64,
+    /// The event's ID.
+    pub id: EventId,
+    /// The event's wire bytes, with an explicit `id` line, copied (never a slice of a chunk).
+    pub raw: Bytes,
+    /// When it was stored, in milliseconds since the Unix epoch.
+    pub stored_at_ms: u64,
+}
+
+/// What a resume found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResumeOutcome {
+    /// The cursor was found; the events after it follow.
+    Recovered,
+    /// The stream holds no such ID (a foreign or invented cursor, or a stream
+    /// this store never saw). Nothing is replayed.
+    UnknownCursor,
+    /// The cursor is older than the history kept. Nothing is replayed.
+    Expired,
+    /// The cursor was minted by another epoch of the store (the store was lost
+    /// or a memory store restarted). Nothing is replayed.
+    OtherEpoch,
+}
+
+impl ResumeOutcome {
+    /// The stable name, as sent in the response header and used in metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ResumeOutcome::Recovered => "recovered",
+            ResumeOutcome::UnknownCursor => "unknown-cursor",
+            ResumeOutcome::Expired => "expired",
+            ResumeOutcome::OtherEpoch => "other-epoch",
+        }
+    }
+
+    /// The counter this outcome increments.
+    pub fn counter(&self) -> Counter {
+        match self {
+            ResumeOutcome::Recovered => Counter::ResumesRecovered,
+            ResumeOutcome::UnknownCursor => Counter::ResumesUnknown,
+            ResumeOutcome::Expired => Counter::ResumesExpired,
+            ResumeOutcome::OtherEpoch => Counter::ResumesOtherEpoch,
+        }
+    }
+}
+
+impl fmt::Display for ResumeOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A page of replayed history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayPage {
+    /// What the cursor was.
+    pub outcome: ResumeOutcome,
+    /// Events after the cursor, in order, at most the limit asked for.
+    pub events: Vec<StoredEvent>,
+}
+
+/// How much history a stream keeps. Crossing a bound drops the oldest events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Most events per stream. Default 10,000.
+    pub max_events: usize,
+    /// Most bytes of events per stream. Default 16 MiB.
+    pub max_bytes: u64,
+    /// Oldest event age; older events and streams idle that long are deleted
+    /// by [`EventStore::delete_expired`]. Default 24 hours.
+    pub max_age: Duration,
+    /// Most streams held (the memory store refuses new streams past it). Default 100,000.
+    pub max_streams: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_events: 10_000,
+            max_bytes: 16 << 20,
+            max_age: Duration::from_secs(24 * 3600),
+            max_streams: 100_000,
+        }
+    }
+}
+
+/// A store failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached now (a network store down, a full disk); retrying may help.
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    /// The store refused the operation for good (corrupt data, a bound crossed).
+    #[error("event store error: {0}")]
+    Backend(String),
+}
+
+/// Where streams' history and cursors are kept. See the [module docs](self).
+pub trait EventStore: Send + Sync + 'static {
+    /// The store's epoch: it changes when the store's content is lost (a new
+    /// file, a memory store in a new process). IDs minted by tower-sse carry it.
+    fn epoch(&self) -> &str;
+
+    /// Appends events of one stream, in sequence order. Retention applies.
+    fn append<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        events: Vec<StoredEvent>,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Up to `limit` events after `after`, with the outcome.
+    fn replay<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        after: &'a EventId,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<ReplayPage, StoreError>>;
+
+    /// The highest sequence number stored for the stream (0 if none).
+    fn last_seq<'a>(&'a self, key: &'a StreamKey) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// The stream's stored cursor (the last event delivered to its client).
+    fn cursor<'a>(
+        &'a self,
+        key: &'a StreamKey,
+    ) -> BoxFuture<'a, Result<Option<EventId>, StoreError>>;
+
+    /// Stores the stream's cursor.
+    fn set_cursor<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        cursor: Option<&'a EventId>,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Deletes events past their age and streams idle past it. Returns how many events went.
+    fn delete_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// Answers when the store is reachable and working.
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Makes everything appended so far durable (a no-op where appends already are).
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Runs [`EventStore::delete_expired`] every `period`, forever (spawn it). In
+/// the manner of tower-sessions' `continuously_delete_expired`.
+pub async fn continuously_delete_expired(
+    store: std::sync::Arc<dyn EventStore>,
+    period: Duration,
+) -> Result<(), StoreError> {
+    let mut interval = tokio::time::interval(period);
+    loop {
+        interval.tick().await;
+        if let Err(e) = store.delete_expired().await {
+            tracing::warn!(error = %e, "deleting expired SSE history failed");
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A fresh epoch: `e` and 12 base-32 characters from a random 60 bits.
+pub fn new_epoch() -> String {
+    use std::hash::{BuildHasher, RandomState};
+    let mut n = RandomState::new().hash_one(now_unix_ms()) >> 4;
+    let alphabet = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut s = String::from("e");
+    for _ in 0..12 {
+        s.push(alphabet[(n & 31) as usize] as char);
+        n >>= 5;
+    }
+    s
+}
+
+/// Splits an ID minted by tower-sse, `<epoch>-<sequence>`, into its parts.
+///
+/// ```
+/// assert_eq!(tower_sse::store::parse_minted("eabcdefghijkl-42"), Some(("eabcdefghijkl", 42)));
+/// assert_eq!(tower_sse::store::parse_minted("user-42"), None);
+/// ```
+pub fn parse_minted(id: &str) -> Option<(&str, u64)> {
+    let (epoch, seq) = id.split_once('-')?;
+    let looks_like_epoch = epoch.len() == 13
+        && epoch.starts_with('e')
+        && epoch
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b));
+    if !looks_like_epoch || seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((epoch, seq.parse().ok()?))
+}
+
+/// The outcome for a cursor a stream's index does not hold, given the
+/// stream's oldest retained event (shared by the backends).
+pub fn classify_missing(
+    epoch: &str,
+    cursor: &EventId,
+    oldest: Option<&StoredEvent>,
+) -> ResumeOutcome {
+    if let Some((their_epoch, n)) = parse_minted(cursor.as_str()) {
+        if their_epoch != epoch {
+            return ResumeOutcome::OtherEpoch;
+        }
+        return match oldest {
+            Some(first) if n < first.seq => ResumeOutcome::Expired,
+            _ => ResumeOutcome::UnknownCursor,
+        };
+    }
+    // Sequential IDs of the upstream: older than what is kept means expired.
+    if let (Some((prefix, n)), Some(first)) = (cursor.sequence(), oldest) {
+        if let Some((first_prefix, m)) = first.id.sequence() {
+            if prefix == first_prefix && n < m {
+                return ResumeOutcome::Expired;
+            }
+        }
+    }
+    ResumeOutcome::UnknownCursor
+}
+
+#[derive(Default)]
+struct Log {
+    events: VecDeque<StoredEvent>,
+    index: HashMap<EventId, u64>,
+    bytes: u64,
+    cursor: Option<EventId>,
+    last_seq: u64,
+    touched_ms: u64,
+}
+
+impl Log {
+    fn trim_front(&mut self) {
+        if let Some(old) = self.events.pop_front() {
+            self.bytes -= old.raw.len() as u64;
+            if self.index.get(&old.id) == Some(&old.seq) {
+                self.index.remove(&old.id);
+            }
+        }
+    }
+}
+
+/// A bounded in-memory store. Its epoch is new in every process, so cursors
+/// from before a restart are reported as [`ResumeOutcome::OtherEpoch`] (minted
+/// IDs) or [`ResumeOutcome::UnknownCursor`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use tower_sse::store::{EventStore, MemoryStore, ResumeOutcome, StoredEvent};
+/// use tower_sse::{EventId, StreamKey};
+///
+/// let store = MemoryStore::default();
+/// let key = StreamKey::new("/feed").unwrap();
+/// let ev = |seq: u64| StoredEvent {
+///     seq,
+///     id: EventId::from_u64(seq),
+///     raw: format!("id: {seq}\ndata: x\n\n").into(),
+///     stored_at_ms: 0,
+/// };
+/// store.append(&key, vec![ev(1), ev(2), ev(3)]).await.unwrap();
+/// let page = store.replay(&key, &EventId::from_u64(1), 100).await.unwrap();
+/// assert_eq!(page.outcome, ResumeOutcome::Recovered);
+/// assert_eq!(page.events.len(), 2);
+/// # }
+/// ```
+pub struct MemoryStore {
+    epoch: String,
+    retention: Retention,
+    streams: Mutex<HashMap<StreamKey, Log>>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new(Retention::default())
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("epoch", &self.epoch)
+            .field("streams", &lock(&self.streams).len())
+            .finish()
+    }
+}
+
+impl MemoryStore {
+    /// A store with `retention`.
+    pub fn new(retention: Retention) -> Self {
+        MemoryStore {
+            epoch: new_epoch(),
+            retention,
+            streams: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Events and bytes held for a stream.
+    pub fn usage(&self, key: &StreamKey) -> (usize, u64) {
+        lock(&self.streams)
+            .get(key)
+            .map_or((0, 0), |l| (l.events.len(), l.bytes))
+    }
+}
+
+impl EventStore for MemoryStore {
+    fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    fn append<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        events: Vec<StoredEvent>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let result = (|| {
+            let mut streams = lock(&self.streams);
+            if !streams.contains_key(key) && streams.len() >= self.retention.max_streams {
+                return Err(StoreError::Backend(
+                    "too many streams in the memory store".into(),
+                ));
+            }
+            let log = streams.entry(key.clone()).or_default();
+            for ev in events {
+                log.last_seq = log.last_seq.max(ev.seq);
+                log.bytes += ev.raw.len() as u64;
+                log.index.insert(ev.id.clone(), ev.seq);
+                log.touched_ms = ev.stored_at_ms;
+                log.events.push_back(ev);
+                while log.events.len() > self.retention.max_events
+                    || (log.bytes > self.retention.max_bytes && log.events.len() > 1)
+                {
+                    log.trim_front();
+                }
+            }
+            Ok(())
+        })();
+        Box::pin(async move { result })
+    }
+
+    fn replay<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        after: &'a EventId,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<ReplayPage, StoreError>> {
+        let page = {
+            let streams = lock(&self.streams);
+            match streams.get(key) {
+                None => ReplayPage {
+                    outcome: classify_missing(&self.epoch, after, None),
+                    events: Vec::new(),
+                },
+                Some(log) => match log.index.get(after) {
+                    Some(&seq) => ReplayPage {
+                        outcome: ResumeOutcome::Recovered,
+                        events: log
+                            .events
+                            .iter()
+                            .skip_while(|e| e.seq <= seq)
+                            .take(limit)
+                            .cloned()
+                            .collect(),
+                    },
+                    None => ReplayPage {
+                        outcome: classify_missing(&self.epoch, after, log.events.front()),
+                        events: Vec::new(),
+                    },
+                },
+            }
+        };
+        Box::pin(async move { Ok(page) })
+    }
+
+    fn last_seq<'a>(&'a self, key: &'a StreamKey) -> BoxFuture<'a, Result<u64, StoreError>> {
+        let seq = lock(&self.streams).get(key).map_or(0, |l| l.last_seq);
+        Box::pin(async move { Ok(seq) })
+    }
+
+    fn cursor<'a>(
+        &'a self,
+        key: &'a StreamKey,
+    ) -> BoxFuture<'a, Result<Option<EventId>, StoreError>> {
+        let cursor = lock(&self.streams).get(key).and_then(|l| l.cursor.clone());
+        Box::pin(async move { Ok(cursor) })
+    }
+
+    fn set_cursor<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        cursor: Option<&'a EventId>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let result = {
+            let mut streams = lock(&self.streams);
+            if !streams.contains_key(key) && streams.len() >= self.retention.max_streams {
+                Err(StoreError::Backend(
+                    "too many streams in the memory store".into(),
+                ))
+            } else {
+                let log = streams.entry(key.clone()).or_default();
+                log.cursor = cursor.map(EventId::detached);
+                log.touched_ms = now_unix_ms();
+                Ok(())
+            }
+        };
+        Box::pin(async move { result })
+    }
+
+    fn delete_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        let cutoff = now_unix_ms().saturating_sub(self.retention.max_age.as_millis() as u64);
+        let mut deleted = 0;
+        {
+            let mut streams = lock(&self.streams);
+            for log in streams.values_mut() {
+                while log.events.front().is_some_and(|e| e.stored_at_ms < cutoff) {
+                    log.trim_front();
+                    deleted += 1;
+                }
+            }
+            streams.retain(|_, l| !l.events.is_empty() || l.touched_ms >= cutoff);
+        }
+        Box::pin(async move { Ok(deleted) })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(seq: u64, id: &str, len: usize) -> StoredEvent {
+        StoredEvent {
+            seq,
+            id: EventId::new(id.to_owned()).unwrap(),
+            raw: Bytes::from(vec![b'x'; len]),
+            stored_at_ms: now_unix_ms(),
+        }
+    }
+
+    fn key(s: &str) -> StreamKey {
+        StreamKey::new(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn outcomes() {
+        let store = MemoryStore::new(Retention {
+            max_events: 3,
+            ..Retention::default()
+        });
+        let epoch = store.epoch().to_owned();
+        let k = key("/a");
+        let minted = |n: u64| format!("{epoch}-{n}");
+        let events = (1..=5).map(|n| ev(n, &minted(n), 10)).collect();
+        store.append(&k, events).await.unwrap();
+        let replay = |id: String| {
+            let store = &store;
+            let k = &k;
+            async move {
+                store
+                    .replay(k, &EventId::new(id).unwrap(), 10)
+                    .await
+                    .unwrap()
+            }
+        };
+        let page = replay(minted(3)).await;
+        assert_eq!(page.outcome, ResumeOutcome::Recovered);
+        assert_eq!(
+            page.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [4, 5]
+        );
+        assert_eq!(replay(minted(1)).await.outcome, ResumeOutcome::Expired);
+        assert_eq!(
+            replay(minted(9)).await.outcome,
+            ResumeOutcome::UnknownCursor
+        );
+        assert_eq!(
+            replay("eaaaaaaaaaaaa-3".into()).await.outcome,
+            ResumeOutcome::OtherEpoch
+        );
+        assert_eq!(
+            replay("nope".into()).await.outcome,
+            ResumeOutcome::UnknownCursor
+        );
+    }
+
+    #[tokio::test]
+    async fn isolation_and_bytes_bound() {
+        let store = MemoryStore::new(Retention {
+            max_bytes: 100,
+            ..Retention::default()
+        });
+        store
+            .append(
+                &key("/a"),
+                (1..=50).map(|n| ev(n, &n.to_string(), 10)).collect(),
+            )
+            .await
+            .unwrap();
+        store
+            .append(
+                &key("/b"),
+                (1..=5).map(|n| ev(n, &n.to_string(), 10)).collect(),
+            )
+            .await
+            .unwrap();
+        assert!(store.usage(&key("/a")).1 <= 100);
+        let page = store
+            .replay(&key("/b"), &EventId::from_u64(3), 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            page.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [4, 5]
+        );
+        // /a's ID 45 exists in /a only.
+        let page = store
+            .replay(&key("/b"), &EventId::from_u64(45), 100)
+            .await
+            .unwrap();
+        assert_eq!(page.outcome, ResumeOutcome::UnknownCursor);
+        assert!(page.events.is_empty());
+        // Sequential upstream IDs older than what is kept are expired.
+        let page = store
+            .replay(&key("/a"), &EventId::from_u64(2), 100)
+            .await
+            .unwrap();
+        assert_eq!(page.outcome, ResumeOutcome::Expired);
+    }
+
+    #[test]
+    fn epochs_are_minted_and_recognised() {
+        let e = new_epoch();
+        assert_eq!(parse_minted(&format!("{e}-7")), Some((e.as_str(), 7)));
+        assert_ne!(new_epoch(), new_epoch());
+    }
+}
