@@ -211,6 +211,40 @@ pub trait Stage: Send + 'static {
     fn on_end(&mut self, reason: CloseReason) {
         let _ = reason;
     }
+
+    /// The client went away while the stream was live. A stage that wants to
+    /// keep reading the source (to store what arrives for a client that comes
+    /// back) returns a handler: it receives the [`Chain`] of this stage and
+    /// every stage inside it, with the source, to drive as it sees fit.
+    fn linger(&mut self) -> Option<Box<dyn FnOnce(Chain) + Send>> {
+        None
+    }
+}
+
+/// A stage and the stages inside it, down to the parser and source: a stream
+/// detached from its client by [`Stage::linger`], to be driven without one or
+/// re-attached to a new client with [`SseBody::from_chain`].
+pub struct Chain {
+    stages: Vec<Box<dyn Stage>>,
+    base: Base,
+}
+
+impl Chain {
+    /// Polls the next frame from the outermost stage of the chain.
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, BoxError>>> {
+        Below {
+            stages: &mut self.stages,
+            base: &mut self.base,
+            conn: None,
+        }
+        .poll_frame(cx)
+    }
+}
+
+impl fmt::Debug for Chain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Chain").field("stages", &self.stages.len()).finish()
+    }
 }
 
 /// The parser over the source.
@@ -223,6 +257,22 @@ pub struct Base {
 }
 
 impl Base {
+    fn ended() -> Base {
+        struct Ended;
+        impl Source for Ended {
+            fn poll_next(&mut self, _: &mut Context<'_>) -> Poll<Option<Result<SourceItem, BoxError>>> {
+                Poll::Ready(None)
+            }
+        }
+        Base {
+            source: Box::new(Ended),
+            parser: Parser::new(crate::parse::Limits::default()),
+            done: true,
+            arrived: None,
+            stamp_arrival: false,
+        }
+    }
+
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, BoxError>>> {
         loop {
             match self.parser.next_frame() {
@@ -343,6 +393,18 @@ impl SseBody {
                     stamp_arrival: registry.latency().is_enabled(),
                 },
                 stages: Vec::new(),
+                conn: None,
+                ending: Ending::Running,
+            })),
+        }
+    }
+
+    /// A streaming body continuing a detached [`Chain`] (see [`Stage::linger`]).
+    pub fn from_chain(chain: Chain) -> Self {
+        SseBody {
+            kind: Kind::Sse(Box::new(Pipeline {
+                base: chain.base,
+                stages: chain.stages,
                 conn: None,
                 ending: Ending::Running,
             })),
@@ -536,6 +598,29 @@ impl Pipeline {
                     return Poll::Ready(Some(Ok(http_body::Frame::data(event.raw))));
                 }
             }
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        if !matches!(self.ending, Ending::Running) {
+            return;
+        }
+        // The client went away mid-stream.
+        for i in (0..self.stages.len()).rev() {
+            if let Some(handler) = self.stages[i].linger() {
+                for outer in &mut self.stages[i + 1..] {
+                    outer.on_end(CloseReason::ClientGone);
+                }
+                let stages: Vec<_> = self.stages.drain(..=i).collect();
+                let base = std::mem::replace(&mut self.base, Base::ended());
+                handler(Chain { stages, base });
+                return;
+            }
+        }
+        for s in &mut self.stages {
+            s.on_end(CloseReason::ClientGone);
         }
     }
 }

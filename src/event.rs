@@ -198,6 +198,17 @@ impl Event {
         }
     }
 
+    /// Parses one complete event block (as kept in a store). `None` if the
+    /// bytes hold no dispatchable event.
+    pub fn parse(raw: Bytes) -> Option<Event> {
+        let mut p = Parser::new(Limits::unlimited());
+        p.feed(raw);
+        match p.next_frame() {
+            Ok(Some(Frame::Event(ev))) => Some(ev),
+            _ => None,
+        }
+    }
+
     /// The exact bytes sent to the client for this event, ending with its blank line.
     pub fn raw(&self) -> &Bytes {
         &self.raw

@@ -121,6 +121,16 @@ pub trait Interceptor: Send + Sync + 'static {
         let _ = (cx, previous, got);
     }
 
+    /// A client asked to resume from `cursor`; `outcome` says what was found.
+    fn on_resume(
+        &self,
+        cx: &ConnectionContext<'_>,
+        cursor: &EventId,
+        outcome: crate::store::ResumeOutcome,
+    ) {
+        let _ = (cx, cursor, outcome);
+    }
+
     /// A connection's inner stream stayed silent past the idle limit; it is being closed.
     fn on_idle(&self, cx: &ConnectionContext<'_>, silent_for: std::time::Duration) {
         let _ = (cx, silent_for);
