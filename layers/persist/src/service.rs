@@ -1,0 +1,318 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
+use tower_layer::Layer;
+use tower_service::Service;
+use tower_sse::body::{prepare_response, text_response};
+use tower_sse::layer::ensure_connection;
+use tower_sse::store::{EventStore, ReplayPage, ResumeOutcome};
+use tower_sse::{BoxError, Counter, Registry, SseBody, SseRequest, LAST_EVENT_ID};
+
+use crate::linger::{self, PersistStream};
+use crate::stage::{Recorder, Replayer, Target};
+use crate::{Config, EpochSequence, FailMode, MakeEventId, StoreWrites, SSE_RESUME};
+
+/// The status and headers of an upstream SSE response, kept to answer a
+/// client that takes over a lingering upstream.
+pub(crate) struct Head {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+}
+
+/// Stores every delivered event and serves resumes. See the [crate docs](crate).
+#[derive(Clone)]
+pub struct PersistLayer {
+    registry: Registry,
+    store: Arc<dyn EventStore>,
+    config: Arc<Config>,
+}
+
+impl std::fmt::Debug for PersistLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PersistLayer")
+            .field("epoch", &self.store.epoch())
+            .finish()
+    }
+}
+
+impl PersistLayer {
+    /// Persists the streams of `registry` in `store`, with the defaults:
+    /// durable writes, fail-open, no stamping, no linger, session resume on.
+    pub fn new(registry: Registry, store: Arc<dyn EventStore>) -> Self {
+        PersistLayer {
+            registry,
+            store,
+            config: Arc::new(Config::default()),
+        }
+    }
+
+    fn config(&mut self) -> &mut Config {
+        Arc::make_mut(&mut self.config)
+    }
+
+    /// Mints `<epoch>-<sequence>` IDs for events that carry none.
+    pub fn stamp_ids(self) -> Self {
+        self.stamp_ids_with(EpochSequence)
+    }
+
+    /// Mints IDs with `make` for events that carry none.
+    pub fn stamp_ids_with(mut self, make: impl MakeEventId) -> Self {
+        self.config().stamp = Some(Arc::new(make));
+        self
+    }
+
+    /// When events reach the client relative to their store write.
+    pub fn store_writes(mut self, writes: StoreWrites) -> Self {
+        self.config().writes = writes;
+        self
+    }
+
+    /// What a store failure does to a stream.
+    pub fn fail_mode(mut self, fail: FailMode) -> Self {
+        self.config().fail = fail;
+        self
+    }
+
+    /// Keeps reading an upstream for `duration` after its client left.
+    pub fn linger(mut self, duration: Duration) -> Self {
+        self.config().linger = Some(duration);
+        self
+    }
+
+    /// The most streams lingering at once (default 1,024); past it an upstream is closed with its client.
+    pub fn max_lingering(mut self, n: usize) -> Self {
+        self.config().max_lingering = n;
+        self
+    }
+
+    /// Whether a request with a session key and no `Last-Event-ID` resumes from
+    /// the session's stored cursor (default on).
+    pub fn resume_sessions(mut self, on: bool) -> Self {
+        self.config().resume_sessions = on;
+        self
+    }
+
+    /// Events read from the store per replay page (default 256).
+    pub fn replay_page_size(mut self, n: usize) -> Self {
+        self.config().page_size = n.max(1);
+        self
+    }
+
+    /// The most events held per connection while their writes commit (default 1,024).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.config().max_in_flight = n.max(1);
+        self
+    }
+}
+
+impl<S> Layer<S> for PersistLayer {
+    type Service = Persist<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Persist {
+            inner,
+            registry: self.registry.clone(),
+            store: self.store.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// The middleware [`PersistLayer`] builds.
+#[derive(Clone)]
+pub struct Persist<S> {
+    inner: S,
+    registry: Registry,
+    store: Arc<dyn EventStore>,
+    config: Arc<Config>,
+}
+
+impl<S> Persist<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Consumes the middleware, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+fn unavailable(reason: impl std::fmt::Display) -> Response<SseBody> {
+    text_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("event store unavailable: {reason}"),
+    )
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Persist<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<SseBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<SseBody>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let registry = self.registry.clone();
+        let store = self.store.clone();
+        let config = self.config.clone();
+        Box::pin(async move {
+            let sse = match SseRequest::resolve(&mut req, &registry) {
+                Ok(sse) => sse,
+                Err(refusal) => return Ok(refusal.into_response()),
+            };
+            let stream = match registry.stream_or_insert(&sse.key) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    return Ok(text_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        e.to_string(),
+                    ))
+                }
+            };
+            let state = stream.extension(PersistStream::default);
+            let seq = match state
+                .seq
+                .get_or_try_init(|| async {
+                    store
+                        .last_seq(&sse.key)
+                        .await
+                        .map(|n| Arc::new(AtomicU64::new(n)))
+                })
+                .await
+            {
+                Ok(seq) => Some(seq.clone()),
+                Err(e) => {
+                    registry.count(&stream, Counter::StoreErrors, 1);
+                    tracing::warn!(stream = %sse.key, error = %e, "event store unavailable; streaming without it");
+                    if config.fail == FailMode::Closed {
+                        return Ok(unavailable(e));
+                    }
+                    None
+                }
+            };
+
+            let mut cursor = sse.last_event_id.clone();
+            if cursor.is_none() && config.resume_sessions && sse.key.session().is_some() {
+                match store.cursor(&sse.key).await {
+                    Ok(stored) => cursor = stored,
+                    Err(e) => {
+                        registry.count(&stream, Counter::StoreErrors, 1);
+                        if config.fail == FailMode::Closed {
+                            return Ok(unavailable(e));
+                        }
+                    }
+                }
+            }
+            let effective = SseRequest {
+                key: sse.key.clone(),
+                last_event_id: cursor.clone(),
+            };
+
+            let (mut resp, head, reattached) = match linger::take(&state) {
+                Some((chain, head)) => {
+                    let mut resp = Response::new(SseBody::from_chain(chain));
+                    *resp.status_mut() = head.status;
+                    *resp.headers_mut() = head.headers.clone();
+                    tracing::debug!(stream = %sse.key, "client took over a lingering upstream");
+                    (resp, head, true)
+                }
+                None => {
+                    if config.stamp.is_some() {
+                        // The upstream cannot know IDs minted here.
+                        req.headers_mut().remove(&LAST_EVENT_ID);
+                    } else if let Some(c) = &cursor {
+                        if let Ok(v) = HeaderValue::from_str(c.as_str()) {
+                            req.headers_mut().insert(&LAST_EVENT_ID, v);
+                        }
+                    }
+                    let resp = inner.call(req).await?;
+                    let (resp, is_stream) = prepare_response(resp, &registry);
+                    if !is_stream {
+                        return Ok(resp);
+                    }
+                    let head = Arc::new(Head {
+                        status: resp.status(),
+                        headers: resp.headers().clone(),
+                    });
+                    (resp, head, false)
+                }
+            };
+            ensure_connection(resp.body_mut(), &effective, None, &registry);
+
+            let target = Target {
+                store: store.clone(),
+                key: sse.key.clone(),
+                registry: registry.clone(),
+                stream: stream.clone(),
+                state: state.clone(),
+                config: config.clone(),
+                head,
+            };
+            if let (Some(seq), false) = (seq, reattached) {
+                resp.body_mut()
+                    .push_stage(Recorder::new(target.clone(), seq));
+            }
+            if let Some(cursor) = &cursor {
+                let page = match store.replay(&sse.key, cursor, config.page_size).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        registry.count(&stream, Counter::StoreErrors, 1);
+                        tracing::warn!(stream = %sse.key, error = %e, "replay failed; continuing live");
+                        if config.fail == FailMode::Closed {
+                            return Ok(unavailable(e));
+                        }
+                        ReplayPage {
+                            outcome: ResumeOutcome::UnknownCursor,
+                            events: Vec::new(),
+                        }
+                    }
+                };
+                let outcome = page.outcome;
+                registry.count(&stream, outcome.counter(), 1);
+                resp.headers_mut()
+                    .insert(&SSE_RESUME, HeaderValue::from_static(outcome.as_str()));
+                if let Some(conn) = resp.body().connection() {
+                    let cx = conn.context();
+                    registry.interceptors().fire(&registry, Some(&stream), |i| {
+                        i.on_resume(&cx, cursor, outcome)
+                    });
+                }
+                tracing::debug!(stream = %sse.key, %cursor, %outcome, "resume");
+                let page = if outcome == ResumeOutcome::Recovered {
+                    page
+                } else {
+                    ReplayPage {
+                        outcome,
+                        events: Vec::new(),
+                    }
+                };
+                resp.body_mut()
+                    .push_stage(Replayer::new(&target, page, config.page_size));
+            }
+            Ok(resp)
+        })
+    }
+}

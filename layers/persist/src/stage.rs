@@ -1,0 +1,371 @@
+//! The two stages of the persist layer: the recorder (stamp, store, hold until
+//! durable, linger) and the replayer (history first, then live without overlap).
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tower_sse::body::Below;
+use tower_sse::parse::Frame;
+use tower_sse::registry::StreamState;
+use tower_sse::store::{now_unix_ms, EventStore, ReplayPage, StoreError, StoredEvent};
+use tower_sse::{
+    BoxError, Chain, Close, CloseReason, Counter, Event, EventId, Registry, Stage, StreamKey,
+};
+
+use crate::linger::{self, PersistStream};
+use crate::service::Head;
+use crate::{Config, FailMode, StoreWrites};
+
+type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
+
+struct Batch {
+    frames: VecDeque<Frame>,
+    ack: Option<StoreFuture<()>>,
+}
+
+/// Where a stream's events are recorded, shared by the recorder and the linger task.
+#[derive(Clone)]
+pub(crate) struct Target {
+    pub store: Arc<dyn EventStore>,
+    pub key: StreamKey,
+    pub registry: Registry,
+    pub stream: Arc<StreamState>,
+    pub state: Arc<PersistStream>,
+    pub config: Arc<Config>,
+    pub head: Arc<Head>,
+}
+
+/// Stamps, stores and (in the default durability mode) holds each event until
+/// its batch is committed, so a client never holds an event a crash could lose.
+pub(crate) struct Recorder {
+    target: Target,
+    seq: Arc<AtomicU64>,
+    in_flight: VecDeque<Batch>,
+    held: usize,
+    end: Option<Option<BoxError>>,
+    failed: bool,
+    last_delivered: Option<EventId>,
+    cursor_written: Option<Instant>,
+}
+
+const MAX_BATCH: usize = 128;
+
+impl Recorder {
+    pub(crate) fn new(target: Target, seq: Arc<AtomicU64>) -> Self {
+        Recorder {
+            target,
+            seq,
+            in_flight: VecDeque::new(),
+            held: 0,
+            end: None,
+            failed: false,
+            last_delivered: None,
+            cursor_written: None,
+        }
+    }
+
+    /// Stamps an event if it needs an ID and returns what to store for it.
+    fn prepare(&self, frame: &mut Frame, now_ms: u64) -> Option<StoredEvent> {
+        let Frame::Event(event) = frame else {
+            return None;
+        };
+        let config = &self.target.config;
+        if event.id().is_none() {
+            let stamp = config.stamp.as_ref()?;
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+            let id = stamp.make_id(self.target.store.epoch(), seq, event);
+            event.set_id(id);
+            let id = event.id()?.detached();
+            return Some(StoredEvent {
+                seq,
+                id,
+                raw: bytes::Bytes::copy_from_slice(event.raw()),
+                stored_at_ms: now_ms,
+            });
+        }
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = event.id()?.detached();
+        Some(StoredEvent {
+            seq,
+            id,
+            raw: bytes::Bytes::copy_from_slice(event.raw()),
+            stored_at_ms: now_ms,
+        })
+    }
+
+    fn submit(&mut self, stored: Vec<StoredEvent>) -> Option<StoreFuture<()>> {
+        if stored.is_empty() || self.failed {
+            return None;
+        }
+        let store = self.target.store.clone();
+        let key = self.target.key.clone();
+        let fut: StoreFuture<()> = Box::pin(async move { store.append(&key, stored).await });
+        match self.target.config.writes {
+            StoreWrites::Durable => Some(fut),
+            StoreWrites::Async => {
+                let registry = self.target.registry.clone();
+                let stream = self.target.stream.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = fut.await {
+                        registry.count(&stream, Counter::StoreErrors, 1);
+                        tracing::warn!(error = %e, "storing SSE events failed");
+                    }
+                });
+                None
+            }
+        }
+    }
+
+    fn store_failed(&mut self, e: &StoreError) -> Option<BoxError> {
+        self.target
+            .registry
+            .count(&self.target.stream, Counter::StoreErrors, 1);
+        tracing::warn!(stream = %self.target.key, error = %e, "storing SSE events failed");
+        match self.target.config.fail {
+            FailMode::Open => None,
+            FailMode::Closed => Some(Box::new(Close::new(
+                CloseReason::Error,
+                format!("event store failed: {e}"),
+            ))),
+        }
+    }
+
+    fn write_cursor(&mut self, force: bool) {
+        let Some(id) = self.last_delivered.clone() else {
+            return;
+        };
+        if !force
+            && self
+                .cursor_written
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.cursor_written = Some(Instant::now());
+        let store = self.target.store.clone();
+        let key = self.target.key.clone();
+        let registry = self.target.registry.clone();
+        let stream = self.target.stream.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Err(e) = store.set_cursor(&key, Some(&id)).await {
+                    registry.count(&stream, Counter::StoreErrors, 1);
+                    tracing::warn!(error = %e, "storing the SSE cursor failed");
+                }
+            });
+        }
+    }
+}
+
+impl Stage for Recorder {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        below: &mut Below<'_>,
+    ) -> Poll<Option<Result<Frame, BoxError>>> {
+        loop {
+            // Yield what is committed, in order.
+            if let Some(front) = self.in_flight.front_mut() {
+                if let Some(ack) = &mut front.ack {
+                    if let Poll::Ready(result) = ack.as_mut().poll(cx) {
+                        front.ack = None;
+                        if let Err(e) = result {
+                            if let Some(close) = self.store_failed(&e) {
+                                self.in_flight.clear();
+                                self.held = 0;
+                                self.failed = true;
+                                return Poll::Ready(Some(Err(close)));
+                            }
+                        }
+                    }
+                }
+                let front = self.in_flight.front_mut().expect("checked above");
+                if front.ack.is_none() {
+                    match front.frames.pop_front() {
+                        Some(frame) => {
+                            self.held -= 1;
+                            return Poll::Ready(Some(Ok(frame)));
+                        }
+                        None => {
+                            self.in_flight.pop_front();
+                            continue;
+                        }
+                    }
+                }
+            }
+            if let Some(end) = &mut self.end {
+                if self.in_flight.is_empty() {
+                    return Poll::Ready(end.take().map(Err));
+                }
+                return Poll::Pending;
+            }
+            if self.held >= self.target.config.max_in_flight {
+                // The front ack registered our waker.
+                return Poll::Pending;
+            }
+            // Pull what is ready below into one batch.
+            let now_ms = now_unix_ms();
+            let mut frames = VecDeque::new();
+            let mut stored = Vec::new();
+            let mut below_pending = false;
+            while frames.len() < MAX_BATCH {
+                match below.poll_frame(cx) {
+                    Poll::Ready(Some(Ok(mut frame))) => {
+                        if let Some(s) = self.prepare(&mut frame, now_ms) {
+                            stored.push(s);
+                        }
+                        frames.push_back(frame);
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        self.end = Some(Some(e));
+                        break;
+                    }
+                    Poll::Ready(None) => {
+                        self.end = Some(None);
+                        break;
+                    }
+                    Poll::Pending => {
+                        below_pending = true;
+                        break;
+                    }
+                }
+            }
+            if frames.is_empty() {
+                if self.end.is_some() {
+                    continue;
+                }
+                if below_pending {
+                    return Poll::Pending;
+                }
+                continue;
+            }
+            self.held += frames.len();
+            let ack = self.submit(stored);
+            self.in_flight.push_back(Batch { frames, ack });
+        }
+    }
+
+    fn on_delivered(&mut self, event: &Event) {
+        if let Some(id) = event.last_event_id() {
+            self.last_delivered = Some(id.detached());
+            self.write_cursor(false);
+        }
+    }
+
+    fn on_end(&mut self, _reason: CloseReason) {
+        self.write_cursor(true);
+    }
+
+    fn linger(&mut self) -> Option<Box<dyn FnOnce(Chain) + Send>> {
+        self.write_cursor(true);
+        let linger_for = self.target.config.linger?;
+        let target = self.target.clone();
+        Some(Box::new(move |chain| {
+            linger::start(target, chain, linger_for)
+        }))
+    }
+}
+
+/// Replays stored history after the client's cursor, then passes live
+/// frames, skipping live events already replayed (no gap, no duplicate).
+pub(crate) struct Replayer {
+    store: Arc<dyn EventStore>,
+    key: StreamKey,
+    registry: Registry,
+    stream: Arc<StreamState>,
+    page: VecDeque<StoredEvent>,
+    page_size: usize,
+    last_page_full: bool,
+    fetching: Option<StoreFuture<ReplayPage>>,
+    replayed: HashSet<EventId>,
+    last_replayed: Option<EventId>,
+    replaying: bool,
+}
+
+impl Replayer {
+    pub(crate) fn new(target: &Target, first: ReplayPage, page_size: usize) -> Self {
+        let full = first.events.len() >= page_size;
+        Replayer {
+            store: target.store.clone(),
+            key: target.key.clone(),
+            registry: target.registry.clone(),
+            stream: target.stream.clone(),
+            page: first.events.into(),
+            page_size,
+            last_page_full: full,
+            fetching: None,
+            replayed: HashSet::new(),
+            last_replayed: None,
+            replaying: true,
+        }
+    }
+}
+
+impl Stage for Replayer {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        below: &mut Below<'_>,
+    ) -> Poll<Option<Result<Frame, BoxError>>> {
+        while self.replaying {
+            if let Some(stored) = self.page.pop_front() {
+                self.last_replayed = Some(stored.id.clone());
+                self.replayed.insert(stored.id.clone());
+                match Event::parse(stored.raw) {
+                    Some(event) => {
+                        self.registry.count(&self.stream, Counter::Replayed, 1);
+                        return Poll::Ready(Some(Ok(Frame::Event(event))));
+                    }
+                    None => continue,
+                }
+            }
+            if !self.last_page_full {
+                self.replaying = false;
+                break;
+            }
+            if self.fetching.is_none() {
+                let Some(after) = self.last_replayed.clone() else {
+                    self.replaying = false;
+                    break;
+                };
+                let store = self.store.clone();
+                let key = self.key.clone();
+                let limit = self.page_size;
+                self.fetching = Some(Box::pin(
+                    async move { store.replay(&key, &after, limit).await },
+                ));
+            }
+            let fetching = self.fetching.as_mut().expect("set above");
+            match std::task::ready!(fetching.as_mut().poll(cx)) {
+                Ok(page) => {
+                    self.last_page_full = page.events.len() >= self.page_size;
+                    self.page = page.events.into();
+                }
+                Err(e) => {
+                    self.registry.count(&self.stream, Counter::StoreErrors, 1);
+                    tracing::warn!(error = %e, "replaying SSE history failed; continuing live");
+                    self.last_page_full = false;
+                }
+            }
+            self.fetching = None;
+        }
+        loop {
+            let frame = std::task::ready!(below.poll_frame(cx));
+            if let Some(Ok(Frame::Event(event))) = &frame {
+                if !self.replayed.is_empty() {
+                    if event.id().is_some_and(|id| self.replayed.contains(id)) {
+                        continue;
+                    }
+                    // The live stream has moved past the history: nothing more to skip.
+                    self.replayed = HashSet::new();
+                }
+            }
+            return Poll::Ready(frame);
+        }
+    }
+}
