@@ -44,11 +44,29 @@ pub enum SourceItem {
     Restart,
 }
 
+/// What a [`Source`] may know of the stream it feeds.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct SourceContext<'a> {
+    /// The last event ID of the last complete event parsed: where an upstream
+    /// resume must start. Events before it are in the pipeline or delivered;
+    /// a half-received event after it is dropped at a restart.
+    pub last_event_id: Option<&'a crate::EventId>,
+    /// The last `retry` value the upstream sent, in milliseconds.
+    pub retry: Option<u64>,
+    /// The client connection, once attached.
+    pub connection: Option<&'a Connection>,
+}
+
 /// Where a stream's bytes come from: a response body, or a source that
 /// reconnects upstream under a live client body.
 pub trait Source: Send + 'static {
     /// The next item; `None` at the end of the stream.
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<SourceItem, BoxError>>>;
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &SourceContext<'_>,
+    ) -> Poll<Option<Result<SourceItem, BoxError>>>;
 }
 
 /// A [`Source`] reading an HTTP body.
@@ -71,7 +89,11 @@ impl BodySource {
 }
 
 impl Source for BodySource {
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<SourceItem, BoxError>>> {
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        _: &SourceContext<'_>,
+    ) -> Poll<Option<Result<SourceItem, BoxError>>> {
         loop {
             return match std::task::ready!(self.body.as_mut().poll_frame(cx)) {
                 None => Poll::Ready(None),
@@ -172,7 +194,7 @@ impl Below<'_> {
                     conn: self.conn,
                 },
             ),
-            None => self.base.poll_frame(cx),
+            None => self.base.poll_frame(cx, self.conn),
         }
     }
 
@@ -243,7 +265,9 @@ impl Chain {
 
 impl fmt::Debug for Chain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Chain").field("stages", &self.stages.len()).finish()
+        f.debug_struct("Chain")
+            .field("stages", &self.stages.len())
+            .finish()
     }
 }
 
@@ -260,7 +284,11 @@ impl Base {
     fn ended() -> Base {
         struct Ended;
         impl Source for Ended {
-            fn poll_next(&mut self, _: &mut Context<'_>) -> Poll<Option<Result<SourceItem, BoxError>>> {
+            fn poll_next(
+                &mut self,
+                _: &mut Context<'_>,
+                _: &SourceContext<'_>,
+            ) -> Poll<Option<Result<SourceItem, BoxError>>> {
                 Poll::Ready(None)
             }
         }
@@ -273,7 +301,11 @@ impl Base {
         }
     }
 
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, BoxError>>> {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: Option<&Connection>,
+    ) -> Poll<Option<Result<Frame, BoxError>>> {
         loop {
             match self.parser.next_frame() {
                 Ok(Some(Frame::Event(mut ev))) => {
@@ -287,7 +319,12 @@ impl Base {
             if self.done {
                 return Poll::Ready(None);
             }
-            match std::task::ready!(self.source.poll_next(cx)) {
+            let stream = SourceContext {
+                last_event_id: self.parser.last_event_id(),
+                retry: self.parser.retry(),
+                connection: conn,
+            };
+            match std::task::ready!(self.source.poll_next(cx, &stream)) {
                 Some(Ok(SourceItem::Data(bytes))) => {
                     if self.stamp_arrival {
                         self.arrived = Some(Instant::now());
@@ -537,7 +574,7 @@ impl Pipeline {
                         conn: self.conn.as_ref(),
                     },
                 ),
-                None => self.base.poll_frame(cx),
+                None => self.base.poll_frame(cx, self.conn.as_ref()),
             };
             let frame = match polled {
                 Poll::Pending => {

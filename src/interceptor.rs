@@ -136,6 +136,27 @@ pub trait Interceptor: Send + Sync + 'static {
         let _ = (cx, silent_for);
     }
 
+    /// The upstream connection under a live stream failed (`attempt` is the
+    /// number of consecutive failures so far); a reconnect follows if the policy allows.
+    fn on_upstream_error(
+        &self,
+        cx: &ConnectionContext<'_>,
+        error: &(dyn std::error::Error + 'static),
+        attempt: u32,
+    ) {
+        let _ = (cx, error, attempt);
+    }
+
+    /// A new upstream connection replaced a failed one, resuming after `resume_from`.
+    fn on_reconnect(
+        &self,
+        cx: &ConnectionContext<'_>,
+        attempt: u32,
+        resume_from: Option<&EventId>,
+    ) {
+        let _ = (cx, attempt, resume_from);
+    }
+
     /// A stream failed (malformed input, an upstream error, a store error).
     fn on_error(&self, cx: &ConnectionContext<'_>, error: &(dyn std::error::Error + 'static)) {
         let _ = (cx, error);

@@ -41,7 +41,7 @@ pub mod registry;
 mod request;
 pub mod store;
 
-pub use body::{BoxError, Chain, Close, SseBody, Stage};
+pub use body::{BoxError, Chain, Close, Source, SourceContext, SourceItem, SseBody, Stage};
 pub use event::{encode_comment, EncodeError, Event, EventBuilder, EventId, InvalidEventId};
 pub use interceptor::{
     AsyncInterceptor, ConnectionContext, Decision, EventContext, EventRecord, Interceptor,
