@@ -1,0 +1,324 @@
+//! The resilient SSE reverse proxy: every tower-sse layer stacked in front of
+//! any SSE upstream.
+//!
+//! ```text
+//! cargo run --release --example proxy                  # a built-in demo upstream, redb store
+//! curl -N localhost:8080/events                         # through the proxy
+//! curl localhost:9090/healthz ; curl localhost:9090/metrics
+//! cargo run --release --example proxy -- --upstream http://127.0.0.1:3000 --store memory --stamp-ids
+//! ```
+//!
+//! Stack, outermost first: catch-panic, trace, health (keep-alives, idle),
+//! persist (history, resume, stamping, linger), dedup, track (cursor, limits),
+//! reconnect (upstream backoff and resume), hyper client.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use clap::Parser;
+use http::{header, HeaderMap, HeaderName, Uri};
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+use tower_sse::store::{EventStore, MemoryStore};
+use tower_sse::{CloseReason, KeyBy, LimitPolicy, Registry};
+use tower_sse_dedup::DedupLayer;
+use tower_sse_health::{prometheus_text, HealthLayer, HealthService, StoreProbe};
+use tower_sse_persist::{PersistLayer, RedbStore};
+use tower_sse_reconnect::ReconnectLayer;
+use tower_sse_track::TrackLayer;
+
+/// A resilient SSE reverse proxy built from the tower-sse layers.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+struct Args {
+    /// Address to accept clients on; every method and path is proxied.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// The upstream's base URL; the request's path and query are appended.
+    /// Without it a built-in demo upstream is started.
+    #[arg(long)]
+    upstream: Option<Uri>,
+    /// Address of the admin server: GET /healthz and GET /metrics.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    admin: SocketAddr,
+    /// Event store: `memory`, `redb:PATH`.
+    #[arg(long, default_value = "redb:./tower-sse-data/events.redb")]
+    store: String,
+    /// Key streams by a session header (e.g. Mcp-Session-Id).
+    #[arg(long)]
+    session_header: Option<HeaderName>,
+    /// Key streams by a session cookie.
+    #[arg(long)]
+    session_cookie: Option<String>,
+    /// Key streams by a session query parameter.
+    #[arg(long)]
+    session_query: Option<String>,
+    /// Mint IDs for upstream events that carry none.
+    #[arg(long)]
+    stamp_ids: bool,
+    /// Keep reading an upstream this many seconds after its client left.
+    #[arg(long)]
+    linger: Option<u64>,
+    /// Keep-alive comment interval in seconds (0: off).
+    #[arg(long, default_value_t = 15)]
+    keepalive: u64,
+    /// Close a stream whose upstream is silent this many seconds (0: off).
+    #[arg(long, default_value_t = 0)]
+    idle_timeout: u64,
+    /// Most connections per stream; a further one replaces the oldest.
+    #[arg(long)]
+    max_connections_per_stream: Option<usize>,
+}
+
+fn open_store(spec: &str) -> Result<Arc<dyn EventStore>, Box<dyn std::error::Error>> {
+    if spec == "memory" {
+        return Ok(Arc::new(MemoryStore::default()));
+    }
+    if let Some(path) = spec.strip_prefix("redb:") {
+        let path = std::path::Path::new(path);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        return Ok(Arc::new(RedbStore::open(path)?));
+    }
+    Err(format!("unknown --store {spec:?}: expected memory or redb:PATH").into())
+}
+
+/// Headers that belong to one hop, not to the exchange (RFC 9110 7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(named.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Rewrites a client request into the upstream request.
+fn to_upstream(base: &Uri, req: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let base_path = base.path().trim_end_matches('/');
+    let uri = Uri::builder()
+        .scheme(base.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP))
+        .authority(base.authority().map_or("127.0.0.1", |a| a.as_str()))
+        .path_and_query(format!("{base_path}{path}"))
+        .build()
+        .unwrap_or_else(|_| base.clone());
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::HOST);
+    Request::from_parts(parts, body)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber_init();
+    let args = Args::parse();
+
+    let upstream = match args.upstream.clone() {
+        Some(uri) => uri,
+        None => demo_upstream().await?,
+    };
+    let store = open_store(&args.store)?;
+
+    let key = match (
+        &args.session_header,
+        &args.session_cookie,
+        &args.session_query,
+    ) {
+        (Some(h), _, _) => KeyBy::header(h.clone()),
+        (_, Some(c), _) => KeyBy::cookie(c.clone()),
+        (_, _, Some(q)) => KeyBy::query(q.clone()),
+        _ => KeyBy::path_and_query(),
+    };
+    let registry = Registry::builder().stream_key(key).build();
+
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build_http::<Full<Bytes>>();
+    let base = upstream.clone();
+    let upstream_client = ServiceBuilder::new()
+        .map_request(move |req: Request<Full<Bytes>>| to_upstream(&base, req))
+        .service(client);
+
+    let mut persist = PersistLayer::new(registry.clone(), store.clone());
+    if args.stamp_ids {
+        persist = persist.stamp_ids();
+    }
+    if let Some(secs) = args.linger {
+        persist = persist.linger(Duration::from_secs(secs));
+    }
+    let mut track = TrackLayer::new(registry.clone());
+    if let Some(n) = args.max_connections_per_stream {
+        track = track.max_connections_per_stream(n, LimitPolicy::ReplaceOldest);
+    }
+    let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+    let proxy = ServiceBuilder::new()
+        .layer(CatchPanicLayer::new())
+        .layer(TraceLayer::new_for_http())
+        .layer(
+            HealthLayer::new(registry.clone())
+                .keep_alive(secs(args.keepalive))
+                .idle_timeout(secs(args.idle_timeout)),
+        )
+        .layer(persist)
+        .layer(DedupLayer::new(registry.clone()))
+        .layer(track)
+        .layer(ReconnectLayer::new(registry.clone()))
+        .service(upstream_client);
+    let proxy = ServiceBuilder::new()
+        .map_request(|req: Request| req.map(Body::new))
+        .service(proxy)
+        .map_response(IntoResponse::into_response);
+    let app = Router::new().fallback_service(proxy.map_err(|e: Infallible| match e {}));
+
+    let health = HealthService::new(registry.clone())
+        .readiness_probe("store", StoreProbe::new(store.clone()));
+    let metrics_registry = registry.clone();
+    let admin = Router::new().route_service("/healthz", health).route(
+        "/metrics",
+        get(move || {
+            let text = prometheus_text(&metrics_registry);
+            async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text) }
+        }),
+    );
+
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let admin_listener = tokio::net::TcpListener::bind(args.admin).await?;
+    println!(
+        "tower-sse proxy listening on http://{} (admin http://{}), upstream {}, store {} (epoch {})",
+        listener.local_addr()?,
+        admin_listener.local_addr()?,
+        upstream,
+        args.store,
+        store.epoch()
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut admin_stop = stop_rx.clone();
+    let admin_task = tokio::spawn(async move {
+        axum::serve(admin_listener, admin)
+            .with_graceful_shutdown(async move {
+                let _ = admin_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let shutdown_registry = registry.clone();
+    let mut proxy_stop = stop_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = proxy_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    shutdown_signal().await;
+    eprintln!("shutting down: closing streams and flushing the store");
+    let _ = stop_tx.send(true);
+    // End every open stream with a reason, so graceful shutdown does not wait on them.
+    for stream in shutdown_registry.streams() {
+        for conn in stream.connections() {
+            conn.kill(CloseReason::Shutdown);
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), admin_task).await;
+    if let Err(e) = store.flush().await {
+        eprintln!("flushing the store failed: {e}");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Logs to stderr at the level `RUST_LOG` names (default `info`).
+fn tracing_subscriber_init() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Starts the built-in demo upstream: `/events` ticks with integer IDs every
+/// 100 ms since it started, and resumes after `Last-Event-ID` by sending the
+/// missed ticks at once.
+async fn demo_upstream() -> Result<Uri, Box<dyn std::error::Error>> {
+    use axum::response::sse::{Event, Sse};
+    use futures_util::stream;
+
+    let started = tokio::time::Instant::now();
+    let tick = Duration::from_millis(100);
+    let ticker = move |headers: HeaderMap| async move {
+        let start = headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(1, |n| n + 1);
+        let events = stream::unfold(start, move |n| async move {
+            // Tick n is due n × 100 ms after the start; missed ticks go out at once.
+            tokio::time::sleep_until(started + tick * (n as u32)).await;
+            let event = Event::default().id(n.to_string()).data(format!("tick {n}"));
+            Some((Ok::<_, Infallible>(event), n + 1))
+        });
+        Sse::new(events)
+    };
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = Router::new().route("/events", get(ticker));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let uri: Uri = format!("http://{addr}").parse()?;
+    println!("demo upstream at {uri}/events");
+    Ok(uri)
+}
