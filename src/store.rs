@@ -168,6 +168,21 @@ pub trait EventStore: Send + Sync + 'static {
     /// Answers when the store is reachable and working.
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 
+    /// The IDs of the stream's last `limit` stored events, oldest first: what a
+    /// dedup window is seeded with after a restart or a failover.
+    fn recent_ids<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<EventId>, StoreError>> {
+        let _ = (key, limit);
+        Box::pin(async {
+            Err(StoreError::Backend(
+                "recent_ids is not supported by this store".into(),
+            ))
+        })
+    }
+
     /// Makes everything appended so far durable (a no-op where appends already are).
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async { Ok(()) })
@@ -460,6 +475,18 @@ impl EventStore for MemoryStore {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn recent_ids<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<EventId>, StoreError>> {
+        let ids = lock(&self.streams).get(key).map_or_else(Vec::new, |log| {
+            let skip = log.events.len().saturating_sub(limit);
+            log.events.iter().skip(skip).map(|e| e.id.clone()).collect()
+        });
+        Box::pin(async move { Ok(ids) })
     }
 }
 

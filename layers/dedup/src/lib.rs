@@ -81,7 +81,10 @@
 
 mod window;
 
+use std::future::Future;
 use std::hash::BuildHasher;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 
@@ -89,6 +92,7 @@ use tower_layer::Layer;
 use tower_sse::body::Below;
 use tower_sse::layer::{MakeStage, StageLayer, StageService};
 use tower_sse::parse::Frame;
+use tower_sse::store::{EventStore, StoreError};
 use tower_sse::{
     BoxError, Close, CloseReason, Connection, Counter, EventId, Registry, SseRequest, Stage,
 };
@@ -111,8 +115,9 @@ pub enum SequencePolicy {
     Close,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Config {
+    store: Option<Arc<dyn EventStore>>,
     max_tracked: usize,
     ordered: bool,
     on_gap: SequencePolicy,
@@ -137,6 +142,7 @@ impl DedupLayer {
         DedupLayer {
             registry,
             config: Config {
+                store: None,
                 max_tracked: DEFAULT_MAX_TRACKED,
                 ordered: false,
                 on_gap: SequencePolicy::Pass,
@@ -159,6 +165,15 @@ impl DedupLayer {
         self
     }
 
+    /// Seeds each stream's window, the first time this process sees the
+    /// stream, with the last `max_tracked` IDs stored in `store` (the history
+    /// the persist layer keeps), so dedup holds across a restart and a failover
+    /// to another instance. The stream's first connection waits for the load.
+    pub fn seed_from(mut self, store: Arc<dyn EventStore>) -> Self {
+        self.config.store = Some(store);
+        self
+    }
+
     /// The policy for gaps.
     pub fn on_gap(mut self, policy: SequencePolicy) -> Self {
         self.config.on_gap = policy;
@@ -169,6 +184,18 @@ impl DedupLayer {
     pub fn on_reorder(mut self, policy: SequencePolicy) -> Self {
         self.config.on_reorder = policy;
         self
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("max_tracked", &self.max_tracked)
+            .field("ordered", &self.ordered)
+            .field("on_gap", &self.on_gap)
+            .field("on_reorder", &self.on_reorder)
+            .field("seeded_from_store", &self.store.is_some())
+            .finish()
     }
 }
 
@@ -196,6 +223,7 @@ pub struct MakeDedup {
 #[derive(Debug)]
 pub struct DedupState {
     window: Mutex<Window>,
+    seeded: AtomicBool,
 }
 
 impl DedupState {
@@ -226,18 +254,44 @@ impl MakeStage for MakeDedup {
         let config = self.config.clone();
         let state = conn.stream().extension(|| DedupState {
             window: Mutex::new(Window::new(config.max_tracked, config.ordered, config.seed)),
+            seeded: AtomicBool::new(false),
         });
         // Resume point: the cursor, which the track layer set from Last-Event-ID.
         let cursor = conn.stream().cursor();
         state.lock().rewind(cursor.as_deref());
-        Some(DedupStage { state, config })
+        let seeding = match &config.store {
+            Some(store) if !state.seeded.swap(true, Ordering::AcqRel) => {
+                let store = store.clone();
+                let key = conn.stream().key().clone();
+                let limit = config.max_tracked;
+                let fut: Seeding = Box::pin(async move {
+                    let ids = store.recent_ids(&key, limit).await?;
+                    let stored_cursor = match cursor {
+                        Some(c) => Some((*c).clone()),
+                        None => store.cursor(&key).await?,
+                    };
+                    Ok((ids, stored_cursor))
+                });
+                Some(fut)
+            }
+            _ => None,
+        };
+        Some(DedupStage {
+            state,
+            config,
+            seeding,
+        })
     }
 }
+
+type Seeding =
+    Pin<Box<dyn Future<Output = Result<(Vec<EventId>, Option<EventId>), StoreError>> + Send>>;
 
 /// The per-connection stage of [`DedupLayer`].
 pub struct DedupStage {
     state: Arc<DedupState>,
     config: Arc<Config>,
+    seeding: Option<Seeding>,
 }
 
 enum Verdict {
@@ -325,6 +379,27 @@ impl Stage for DedupStage {
         cx: &mut Context<'_>,
         below: &mut Below<'_>,
     ) -> Poll<Option<Result<Frame, BoxError>>> {
+        if let Some(seeding) = &mut self.seeding {
+            // Hold the stream until the window knows what was delivered before.
+            let loaded = ready!(seeding.as_mut().poll(cx));
+            self.seeding = None;
+            match loaded {
+                Ok((ids, resume_from)) => {
+                    let mut window = self.state.lock();
+                    for id in &ids {
+                        window.record(id);
+                    }
+                    window.rewind(resume_from.as_ref());
+                }
+                Err(e) => {
+                    if let Some(conn) = below.connection() {
+                        conn.registry()
+                            .count(conn.stream(), Counter::StoreErrors, 1);
+                    }
+                    tracing::warn!(error = %e, "seeding the dedup window failed; starting empty");
+                }
+            }
+        }
         loop {
             let frame = ready!(below.poll_frame(cx));
             let Some(Ok(Frame::Event(event))) = &frame else {
