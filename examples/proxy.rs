@@ -191,7 +191,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .idle_timeout(secs(args.idle_timeout)),
         )
         .layer(persist)
-        .layer(DedupLayer::new(registry.clone()))
+        .layer(DedupLayer::new(registry.clone()).seed_from(store.clone()))
         .layer(track)
         .layer(ReconnectLayer::new(registry.clone()))
         .service(upstream_client);
