@@ -40,11 +40,10 @@ async fn run(registry: &Registry, store: &Arc<MemoryStore>, from: u64, to: u64) 
         .collect()
 }
 
-#[tokio::test]
-async fn window_is_seeded_from_the_store_after_a_restart() {
+/// A store holding events 1..=10 of stream `/s`, as a previous process left it.
+async fn history_of_ten() -> (Arc<MemoryStore>, StreamKey) {
     let store = Arc::new(MemoryStore::default());
     let key = StreamKey::new("/s").unwrap();
-    // History of a previous process: 1..=10 delivered, cursor at 10.
     let history = (1..=10)
         .map(|n| StoredEvent {
             seq: n,
@@ -54,6 +53,13 @@ async fn window_is_seeded_from_the_store_after_a_restart() {
         })
         .collect();
     store.append(&key, history).await.unwrap();
+    (store, key)
+}
+
+#[tokio::test]
+async fn window_is_seeded_from_the_store_after_a_restart() {
+    // History of a previous process: 1..=10 delivered, cursor at 10.
+    let (store, key) = history_of_ten().await;
     store
         .set_cursor(&key, Some(&EventId::from_u64(10)))
         .await
@@ -82,17 +88,7 @@ async fn window_is_seeded_from_the_store_after_a_restart() {
 
 #[tokio::test]
 async fn seeding_respects_the_clients_resume_point() {
-    let store = Arc::new(MemoryStore::default());
-    let key = StreamKey::new("/s").unwrap();
-    let history = (1..=10)
-        .map(|n| StoredEvent {
-            seq: n,
-            id: EventId::from_u64(n),
-            raw: format!("id: {n}\ndata: {n}\n\n").into(),
-            stored_at_ms: now_unix_ms(),
-        })
-        .collect();
-    store.append(&key, history).await.unwrap();
+    let (store, key) = history_of_ten().await;
     // The stored cursor says 7 was the last delivered: 8..=10 were stored but
     // never reached the client, so they must stay deliverable.
     store
