@@ -37,6 +37,7 @@ use tower_sse_dedup::DedupLayer;
 use tower_sse_health::{prometheus_text, HealthLayer, HealthService, StoreProbe};
 use tower_sse_persist::{PersistLayer, RedbStore};
 use tower_sse_reconnect::ReconnectLayer;
+use tower_sse_redis::RedisStore;
 use tower_sse_track::TrackLayer;
 
 /// A resilient SSE reverse proxy built from the tower-sse layers.
@@ -53,7 +54,7 @@ struct Args {
     /// Address of the admin server: GET /healthz and GET /metrics.
     #[arg(long, default_value = "127.0.0.1:9090")]
     admin: SocketAddr,
-    /// Event store: `memory`, `redb:PATH`.
+    /// Event store: `memory`, `redb:PATH` or `redis://HOST:PORT[/DB]` (shared by instances).
     #[arg(long, default_value = "redb:./tower-sse-data/events.redb")]
     store: String,
     /// Key streams by a session header (e.g. Mcp-Session-Id).
@@ -82,7 +83,10 @@ struct Args {
     max_connections_per_stream: Option<usize>,
 }
 
-fn open_store(spec: &str) -> Result<Arc<dyn EventStore>, Box<dyn std::error::Error>> {
+async fn open_store(spec: &str) -> Result<Arc<dyn EventStore>, Box<dyn std::error::Error>> {
+    if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+        return Ok(Arc::new(RedisStore::builder(spec).open().await?));
+    }
     if spec == "memory" {
         return Ok(Arc::new(MemoryStore::default()));
     }
@@ -93,7 +97,7 @@ fn open_store(spec: &str) -> Result<Arc<dyn EventStore>, Box<dyn std::error::Err
         }
         return Ok(Arc::new(RedbStore::open(path)?));
     }
-    Err(format!("unknown --store {spec:?}: expected memory or redb:PATH").into())
+    Err(format!("unknown --store {spec:?}: expected memory, redb:PATH or redis://HOST:PORT").into())
 }
 
 /// Headers that belong to one hop, not to the exchange (RFC 9110 7.6.1).
@@ -148,7 +152,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(uri) => uri,
         None => demo_upstream().await?,
     };
-    let store = open_store(&args.store)?;
+    let store = open_store(&args.store).await?;
 
     let key = match (
         &args.session_header,
@@ -319,6 +323,6 @@ async fn demo_upstream() -> Result<Uri, Box<dyn std::error::Error>> {
     let app = Router::new().route("/events", get(ticker));
     tokio::spawn(async move { axum::serve(listener, app).await });
     let uri: Uri = format!("http://{addr}").parse()?;
-    println!("demo upstream at {uri}/events");
+    println!("demo upstream at http://{addr}/events");
     Ok(uri)
 }

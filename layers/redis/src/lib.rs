@@ -1,0 +1,674 @@
+//! A Redis-backed [`EventStore`] for multi-instance deployments.
+//!
+//! Put N proxy (or server) instances behind any load balancer, with no sticky
+//! sessions: each stream's history, cursor and recent IDs live in Redis, so a
+//! client that reconnects to another instance resumes from its `Last-Event-ID`
+//! (or its session's stored cursor) there, and that instance's dedup window is
+//! seeded from the same history (`DedupLayer::seed_from`).
+//!
+//! # Layout
+//!
+//! With prefix `p` (default `tower-sse`) and a stream key `k`, the keys are
+//! `p:{h}:log` (a Redis Stream: entry `seq-0` with fields `id`, `raw`, `t`),
+//! `p:{h}:idx` (hash: event ID → seq) and `p:{h}:meta` (hash: `last_seq`,
+//! `bytes`, `cursor`), where `h` is the hex encoding of the length-prefixed
+//! session and resource of `k`. Hex keeps any user-supplied key — with `:`,
+//! `*`, `{`, `}`, newlines, 10 KiB long — inside its own namespace and its own
+//! cluster hash slot; keys are bounded because stream keys are (4 KiB resource,
+//! 256-byte session). `p:epoch` holds the store's epoch.
+//!
+//! # Writes
+//!
+//! Appends and cursor updates go to one writer task through a bounded queue;
+//! it drains what is queued and sends it as **one pipeline** (one Lua script
+//! per stream batch, appending and trimming atomically; cursor writes
+//! coalesced per stream). Appends are idempotent (a sequence number at or
+//! below the stream's last is skipped), so a batch is simply retried.
+//!
+//! # Outage
+//!
+//! While Redis is unreachable, writers get [`StoreError::Unavailable`] at once
+//! (so a fail-open persist layer keeps streaming), and the writes stay buffered
+//! — up to [`RedisStoreBuilder::max_buffered`] events, past which the oldest
+//! are dropped and counted ([`RedisStore::dropped_events`]) — and are written
+//! when Redis is back. The connection manager reconnects by itself. `ping`
+//! fails meanwhile, so readiness reflects the outage.
+//!
+//! # Retention
+//!
+//! Count and bytes per stream are enforced on every append. Age: every key of a
+//! stream expires `max_age` after its last write (Redis deletes idle streams
+//! itself); `delete_expired` has nothing left to do and returns 0.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::ConnectionManager;
+use redis::Value;
+use tokio::sync::{mpsc, oneshot};
+use tower_sse::store::{
+    classify_missing, new_epoch, BoxFuture, EventStore, ReplayPage, ResumeOutcome, Retention,
+    StoreError, StoredEvent,
+};
+use tower_sse::{EventId, StreamKey};
+
+const APPEND: &str = r#"
+local log, idx, meta, epoch_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local max_events, max_bytes, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('SET', epoch_key, ARGV[4], 'NX')
+local last = tonumber(redis.call('HGET', meta, 'last_seq') or '0')
+local bytes = tonumber(redis.call('HGET', meta, 'bytes') or '0')
+for i = 5, #ARGV, 4 do
+  local seq = tonumber(ARGV[i])
+  if seq > last then
+    redis.call('XADD', log, seq .. '-0', 'id', ARGV[i + 1], 'raw', ARGV[i + 2], 't', ARGV[i + 3])
+    redis.call('HSET', idx, ARGV[i + 1], seq)
+    bytes = bytes + #ARGV[i + 2]
+    last = seq
+  end
+end
+local n = redis.call('XLEN', log)
+while n > 1 and (n > max_events or bytes > max_bytes) do
+  local oldest = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)[1]
+  local f = oldest[2]
+  local oid, oraw = nil, ''
+  for j = 1, #f, 2 do
+    if f[j] == 'id' then oid = f[j + 1] elseif f[j] == 'raw' then oraw = f[j + 1] end
+  end
+  redis.call('XDEL', log, oldest[1])
+  local oseq = string.match(oldest[1], '^(%d+)')
+  if oid and redis.call('HGET', idx, oid) == oseq then redis.call('HDEL', idx, oid) end
+  bytes = bytes - #oraw
+  n = n - 1
+end
+redis.call('HSET', meta, 'last_seq', last, 'bytes', bytes)
+if ttl > 0 then
+  redis.call('PEXPIRE', log, ttl)
+  redis.call('PEXPIRE', idx, ttl)
+  redis.call('PEXPIRE', meta, ttl)
+end
+return last
+"#;
+
+/// Why a Redis store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisOpenError {
+    /// The URL is not a Redis URL.
+    #[error("invalid Redis URL {url:?}: {source}")]
+    Url {
+        /// The URL given.
+        url: String,
+        /// The parser's complaint.
+        source: redis::RedisError,
+    },
+    /// Redis did not answer.
+    #[error("cannot reach Redis at {url}: {source}")]
+    Connect {
+        /// The URL given.
+        url: String,
+        /// The connection error.
+        source: redis::RedisError,
+    },
+}
+
+/// Builds a [`RedisStore`].
+#[derive(Debug, Clone)]
+pub struct RedisStoreBuilder {
+    url: String,
+    prefix: String,
+    retention: Retention,
+    max_buffered: usize,
+    queue: usize,
+    timeout: Duration,
+}
+
+impl RedisStoreBuilder {
+    /// A store at `url` (`redis://host:port/db`).
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisStoreBuilder {
+            url: url.into(),
+            prefix: "tower-sse".into(),
+            retention: Retention::default(),
+            max_buffered: 100_000,
+            queue: 4096,
+            timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// The key prefix (default `tower-sse`); instances sharing streams use the same one.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// History kept per stream.
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// The most events kept for writing while Redis is unreachable (default 100,000).
+    pub fn max_buffered(mut self, events: usize) -> Self {
+        self.max_buffered = events.max(1);
+        self
+    }
+
+    /// How long one Redis command may take before it counts as failed (default 2 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Connects, reads or creates the epoch, and starts the writer task (inside a Tokio runtime).
+    pub async fn open(self) -> Result<RedisStore, RedisOpenError> {
+        let client =
+            redis::Client::open(self.url.as_str()).map_err(|source| RedisOpenError::Url {
+                url: self.url.clone(),
+                source,
+            })?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let connect = |source| RedisOpenError::Connect {
+            url: self.url.clone(),
+            source,
+        };
+        let mut conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(connect)?;
+        let epoch_key = format!("{}:epoch", self.prefix);
+        let candidate = new_epoch();
+        let _: Value = redis::cmd("SET")
+            .arg(&epoch_key)
+            .arg(&candidate)
+            .arg("NX")
+            .query_async(&mut conn)
+            .await
+            .map_err(connect)?;
+        let epoch: String = redis::cmd("GET")
+            .arg(&epoch_key)
+            .query_async(&mut conn)
+            .await
+            .map_err(connect)?;
+        let (tx, rx) = mpsc::channel(self.queue);
+        let shared = Arc::new(Shared {
+            prefix: self.prefix,
+            epoch,
+            epoch_key,
+            retention: self.retention,
+            timeout: self.timeout,
+            dropped: AtomicU64::new(0),
+        });
+        tokio::spawn(writer(conn.clone(), shared.clone(), rx, self.max_buffered));
+        Ok(RedisStore { conn, shared, tx })
+    }
+}
+
+struct Shared {
+    prefix: String,
+    epoch: String,
+    epoch_key: String,
+    retention: Retention,
+    timeout: Duration,
+    dropped: AtomicU64,
+}
+
+impl Shared {
+    /// `prefix:{hex(len(session) session resource)}:suffix`: unambiguous and inert.
+    fn key(&self, key: &StreamKey, suffix: &str) -> String {
+        let session = key.session().unwrap_or("");
+        let mut canonical = Vec::with_capacity(5 + session.len() + key.resource().len());
+        canonical.push(u8::from(key.session().is_some()));
+        canonical.extend_from_slice(&(session.len() as u32).to_be_bytes());
+        canonical.extend_from_slice(session.as_bytes());
+        canonical.extend_from_slice(key.resource().as_bytes());
+        let mut out = String::with_capacity(self.prefix.len() + canonical.len() * 2 + 12);
+        out.push_str(&self.prefix);
+        out.push_str(":{");
+        for b in canonical {
+            let _ = write!(out, "{b:02x}");
+        }
+        out.push_str("}:");
+        out.push_str(suffix);
+        out
+    }
+}
+
+enum Write {
+    Append {
+        key: StreamKey,
+        events: Vec<StoredEvent>,
+    },
+    Cursor {
+        key: StreamKey,
+        cursor: Option<EventId>,
+    },
+}
+
+impl Write {
+    fn events(&self) -> usize {
+        match self {
+            Write::Append { events, .. } => events.len(),
+            Write::Cursor { .. } => 1,
+        }
+    }
+}
+
+struct Pending {
+    write: Write,
+    ack: Option<oneshot::Sender<Result<(), StoreError>>>,
+}
+
+/// A Redis-backed event store. See the [crate docs](crate).
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::Arc;
+/// use tower_sse::Registry;
+/// use tower_sse_persist::PersistLayer;
+/// use tower_sse_redis::RedisStore;
+///
+/// let store = Arc::new(RedisStore::builder("redis://127.0.0.1:6379").prefix("myapp").open().await?);
+/// let layer = PersistLayer::new(Registry::default(), store);
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Pending>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.shared.prefix)
+            .field("epoch", &self.shared.epoch)
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// A builder for a store at `url`.
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder::new(url)
+    }
+
+    /// Events dropped because Redis stayed unreachable past the buffer.
+    pub fn dropped_events(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The Redis key of a stream's part (`log`, `idx`, `meta`), for inspection.
+    pub fn redis_key(&self, key: &StreamKey, part: &str) -> String {
+        self.shared.key(key, part)
+    }
+
+    async fn submit(&self, write: Write) -> Result<(), StoreError> {
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Pending {
+                write,
+                ack: Some(ack),
+            })
+            .await
+            .map_err(|_| StoreError::Unavailable("the Redis writer stopped".into()))?;
+        done.await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("the Redis writer stopped".into())))
+    }
+
+    async fn query(&self, cmd: redis::Pipeline) -> Result<Vec<Value>, StoreError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(
+            self.shared.timeout,
+            cmd.query_async::<Vec<Value>>(&mut conn),
+        )
+        .await
+        {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(unavailable(&e)),
+            Err(_) => Err(StoreError::Unavailable("Redis timed out".into())),
+        }
+    }
+}
+
+fn unavailable(e: &redis::RedisError) -> StoreError {
+    StoreError::Unavailable(format!("Redis: {e}"))
+}
+
+fn bytes_of(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn u64_of(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        other => std::str::from_utf8(bytes_of(other)?).ok()?.parse().ok(),
+    }
+}
+
+/// Parses XRANGE entries into stored events.
+fn entries(v: &Value) -> Vec<StoredEvent> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| {
+            let Value::Array(pair) = item else {
+                return None;
+            };
+            let seq = std::str::from_utf8(bytes_of(pair.first()?)?)
+                .ok()?
+                .split('-')
+                .next()?
+                .parse()
+                .ok()?;
+            let mut id = None;
+            let mut raw = None;
+            let mut t = 0;
+            let fields: Vec<&Value> = match pair.get(1)? {
+                Value::Array(f) => f.iter().collect(),
+                Value::Map(m) => m.iter().flat_map(|(k, v)| [k, v]).collect(),
+                _ => return None,
+            };
+            for kv in fields.chunks(2) {
+                let [k, v] = kv else { continue };
+                match bytes_of(k)? {
+                    b"id" => id = EventId::new(Bytes::copy_from_slice(bytes_of(v)?)).ok(),
+                    b"raw" => raw = Some(Bytes::copy_from_slice(bytes_of(v)?)),
+                    b"t" => t = u64_of(v).unwrap_or(0),
+                    _ => {}
+                }
+            }
+            Some(StoredEvent {
+                seq,
+                id: id?,
+                raw: raw?,
+                stored_at_ms: t,
+            })
+        })
+        .collect()
+}
+
+/// Drains the queue into pipelines; keeps failed writes (bounded) and retries them in order.
+async fn writer(
+    conn: ConnectionManager,
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<Pending>,
+    max_buffered: usize,
+) {
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut buffered = 0usize;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some(p) => {
+                    buffered += p.write.events();
+                    pending.push_back(p);
+                }
+                None => return,
+            }
+        }
+        while let Ok(p) = rx.try_recv() {
+            buffered += p.write.events();
+            pending.push_back(p);
+        }
+        while buffered > max_buffered && pending.len() > 1 {
+            if let Some(old) = pending.pop_front() {
+                let n = old.write.events();
+                buffered -= n;
+                shared.dropped.fetch_add(n as u64, Ordering::Relaxed);
+                if let Some(ack) = old.ack {
+                    let _ = ack.send(Err(StoreError::Unavailable(
+                        "Redis write dropped: buffer full".into(),
+                    )));
+                }
+            }
+        }
+        let batch: Vec<Pending> = pending.drain(..pending.len().min(1024)).collect();
+        let pipe = pipeline_of(&shared, &batch);
+        let mut c = conn.clone();
+        let result = tokio::time::timeout(shared.timeout, pipe.query_async::<Value>(&mut c)).await;
+        match result {
+            Ok(Ok(_)) => {
+                backoff = Duration::from_millis(50);
+                for p in batch {
+                    buffered -= p.write.events();
+                    if let Some(ack) = p.ack {
+                        let _ = ack.send(Ok(()));
+                    }
+                }
+            }
+            other => {
+                let error = match other {
+                    Ok(Err(e)) => unavailable(&e),
+                    _ => StoreError::Unavailable("Redis timed out".into()),
+                };
+                tracing::warn!(error = %error, buffered, "Redis write failed; keeping the batch to retry");
+                // Answer the waiters now (fail-open streams go on); keep the writes, in order.
+                for mut p in batch.into_iter().rev() {
+                    if let Some(ack) = p.ack.take() {
+                        let _ = ack.send(Err(error.clone()));
+                    }
+                    pending.push_front(p);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+fn pipeline_of(shared: &Shared, batch: &[Pending]) -> redis::Pipeline {
+    let mut appends: Vec<(&StreamKey, Vec<&StoredEvent>)> = Vec::new();
+    let mut cursors: HashMap<&StreamKey, &Option<EventId>> = HashMap::new();
+    for p in batch {
+        match &p.write {
+            Write::Append { key, events } => match appends.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, evs)) => evs.extend(events.iter()),
+                None => appends.push((key, events.iter().collect())),
+            },
+            Write::Cursor { key, cursor } => {
+                cursors.insert(key, cursor);
+            }
+        }
+    }
+    let r = &shared.retention;
+    let mut pipe = redis::pipe();
+    for (key, events) in appends {
+        let cmd = pipe
+            .cmd("EVAL")
+            .arg(APPEND)
+            .arg(4)
+            .arg(shared.key(key, "log"))
+            .arg(shared.key(key, "idx"))
+            .arg(shared.key(key, "meta"))
+            .arg(&shared.epoch_key)
+            .arg(r.max_events)
+            .arg(r.max_bytes)
+            .arg(r.max_age.as_millis() as u64)
+            .arg(&shared.epoch);
+        for e in events {
+            cmd.arg(e.seq)
+                .arg(e.id.as_bytes())
+                .arg(e.raw.as_ref())
+                .arg(e.stored_at_ms);
+        }
+        cmd.ignore();
+    }
+    for (key, cursor) in cursors {
+        let meta = shared.key(key, "meta");
+        match cursor {
+            Some(id) => pipe
+                .cmd("HSET")
+                .arg(&meta)
+                .arg("cursor")
+                .arg(id.as_bytes())
+                .ignore(),
+            None => pipe.cmd("HDEL").arg(&meta).arg("cursor").ignore(),
+        };
+        pipe.cmd("PEXPIRE")
+            .arg(&meta)
+            .arg(r.max_age.as_millis() as u64)
+            .ignore();
+    }
+    pipe.cmd("PING");
+    pipe
+}
+
+impl EventStore for RedisStore {
+    fn epoch(&self) -> &str {
+        &self.shared.epoch
+    }
+
+    fn append<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        events: Vec<StoredEvent>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.submit(Write::Append {
+            key: key.clone(),
+            events,
+        }))
+    }
+
+    fn replay<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        after: &'a EventId,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<ReplayPage, StoreError>> {
+        Box::pin(async move {
+            let log = self.shared.key(key, "log");
+            let mut pipe = redis::pipe();
+            pipe.cmd("HGET")
+                .arg(self.shared.key(key, "idx"))
+                .arg(after.as_bytes());
+            pipe.cmd("XRANGE")
+                .arg(&log)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1);
+            let replies = self.query(pipe).await?;
+            let seq = replies.first().and_then(u64_of);
+            let Some(seq) = seq else {
+                let oldest = replies.get(1).map(entries).unwrap_or_default();
+                return Ok(ReplayPage {
+                    outcome: classify_missing(&self.shared.epoch, after, oldest.first()),
+                    events: Vec::new(),
+                });
+            };
+            let mut pipe = redis::pipe();
+            pipe.cmd("XRANGE")
+                .arg(&log)
+                .arg(format!("({seq}-0"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(limit);
+            let replies = self.query(pipe).await?;
+            Ok(ReplayPage {
+                outcome: ResumeOutcome::Recovered,
+                events: replies.first().map(entries).unwrap_or_default(),
+            })
+        })
+    }
+
+    fn last_seq<'a>(&'a self, key: &'a StreamKey) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("HGET")
+                .arg(self.shared.key(key, "meta"))
+                .arg("last_seq");
+            let replies = self.query(pipe).await?;
+            Ok(replies.first().and_then(u64_of).unwrap_or(0))
+        })
+    }
+
+    fn cursor<'a>(
+        &'a self,
+        key: &'a StreamKey,
+    ) -> BoxFuture<'a, Result<Option<EventId>, StoreError>> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("HGET")
+                .arg(self.shared.key(key, "meta"))
+                .arg("cursor");
+            let replies = self.query(pipe).await?;
+            Ok(replies
+                .first()
+                .and_then(bytes_of)
+                .and_then(|b| EventId::new(Bytes::copy_from_slice(b)).ok()))
+        })
+    }
+
+    fn set_cursor<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        cursor: Option<&'a EventId>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.submit(Write::Cursor {
+            key: key.clone(),
+            cursor: cursor.map(EventId::detached),
+        }))
+    }
+
+    fn delete_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        // Keys expire in Redis itself (PEXPIRE on every write).
+        Box::pin(async { Ok(0) })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("PING");
+            self.query(pipe).await.map(|_| ())
+        })
+    }
+
+    fn recent_ids<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<EventId>, StoreError>> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("XREVRANGE")
+                .arg(self.shared.key(key, "log"))
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(limit);
+            let replies = self.query(pipe).await?;
+            let mut events = replies.first().map(entries).unwrap_or_default();
+            events.reverse();
+            Ok(events.into_iter().map(|e| e.id).collect())
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        // A cursor write queued behind everything else acknowledges once all before it is written.
+        Box::pin(async move {
+            let key = StreamKey::new("/.tower-sse-flush")
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
+            self.submit(Write::Cursor { key, cursor: None }).await
+        })
+    }
+}

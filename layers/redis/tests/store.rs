@@ -1,0 +1,180 @@
+//! RedisStore against a real Redis (REDIS_URL). Without REDIS_URL the tests say so loudly and skip.
+
+use std::sync::Arc;
+
+use tower_sse::store::{now_unix_ms, EventStore, ResumeOutcome, Retention, StoredEvent};
+use tower_sse::{EventId, StreamKey};
+use tower_sse_redis::RedisStore;
+
+fn redis_url() -> Option<String> {
+    match std::env::var("REDIS_URL") {
+        Ok(url) => Some(url),
+        Err(_) => {
+            eprintln!("SKIPPED: REDIS_URL is not set; the Redis store tests did not run");
+            None
+        }
+    }
+}
+
+fn unique_prefix(name: &str) -> String {
+    format!(
+        "tower-sse-test-{name}-{}-{}",
+        std::process::id(),
+        now_unix_ms()
+    )
+}
+
+fn ev(seq: u64, id: &str, data: &str) -> StoredEvent {
+    StoredEvent {
+        seq,
+        id: EventId::new(id.to_owned()).unwrap(),
+        raw: format!("id: {id}\ndata: {data}\n\n").into(),
+        stored_at_ms: now_unix_ms(),
+    }
+}
+
+#[tokio::test]
+async fn append_replay_outcomes_and_cursor() {
+    let Some(url) = redis_url() else { return };
+    let store = RedisStore::builder(&url)
+        .prefix(unique_prefix("basic"))
+        .retention(Retention {
+            max_events: 3,
+            ..Retention::default()
+        })
+        .open()
+        .await
+        .unwrap();
+    let epoch = store.epoch().to_owned();
+    let key = StreamKey::new("/a").unwrap();
+    let minted = |n: u64| format!("{epoch}-{n}");
+    store
+        .append(&key, (1..=5).map(|n| ev(n, &minted(n), "x")).collect())
+        .await
+        .unwrap();
+    assert_eq!(store.last_seq(&key).await.unwrap(), 5);
+    let page = store
+        .replay(&key, &EventId::new(minted(3)).unwrap(), 10)
+        .await
+        .unwrap();
+    assert_eq!(page.outcome, ResumeOutcome::Recovered);
+    assert_eq!(
+        page.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [4, 5]
+    );
+    assert_eq!(
+        store
+            .replay(&key, &EventId::new(minted(1)).unwrap(), 10)
+            .await
+            .unwrap()
+            .outcome,
+        ResumeOutcome::Expired
+    );
+    assert_eq!(
+        store
+            .replay(&key, &EventId::new("eaaaaaaaaaaaa-3").unwrap(), 10)
+            .await
+            .unwrap()
+            .outcome,
+        ResumeOutcome::OtherEpoch
+    );
+    assert_eq!(
+        store
+            .replay(&key, &EventId::new("nope").unwrap(), 10)
+            .await
+            .unwrap()
+            .outcome,
+        ResumeOutcome::UnknownCursor
+    );
+    // Appends are idempotent: a retried batch adds nothing.
+    store
+        .append(&key, (4..=5).map(|n| ev(n, &minted(n), "x")).collect())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.recent_ids(&key, 10).await.unwrap(),
+        (3..=5)
+            .map(|n| EventId::new(minted(n)).unwrap())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(store.cursor(&key).await.unwrap(), None);
+    store
+        .set_cursor(&key, Some(&EventId::new(minted(4)).unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.cursor(&key).await.unwrap().unwrap().as_str(),
+        minted(4)
+    );
+    store.ping().await.unwrap();
+    store.flush().await.unwrap();
+
+    // A second instance on the same prefix shares the epoch and the history.
+    let other = RedisStore::builder(&url)
+        .prefix(
+            store
+                .redis_key(&key, "x")
+                .split(":{")
+                .next()
+                .unwrap()
+                .to_owned(),
+        )
+        .open()
+        .await
+        .unwrap();
+    assert_eq!(other.epoch(), epoch);
+    assert_eq!(other.last_seq(&key).await.unwrap(), 5);
+}
+
+#[tokio::test]
+async fn hostile_stream_keys_are_isolated_and_bounded() {
+    let Some(url) = redis_url() else { return };
+    let store = Arc::new(
+        RedisStore::builder(&url)
+            .prefix(unique_prefix("hostile"))
+            .open()
+            .await
+            .unwrap(),
+    );
+    let long = "x".repeat(4096);
+    let keys = [
+        StreamKey::new("/a:b").unwrap(),
+        StreamKey::new("/a").unwrap(),
+        StreamKey::new("/*").unwrap(),
+        StreamKey::new("/{a}").unwrap(),
+        StreamKey::with_session("a:b", "/c").unwrap(),
+        StreamKey::with_session("a", "b:/c").unwrap(),
+        StreamKey::new(&format!("/{long}")[..4096]).unwrap(),
+    ];
+    for (i, key) in keys.iter().enumerate() {
+        store
+            .append(key, vec![ev(1, "1", &format!("stream {i}"))])
+            .await
+            .unwrap();
+        let redis_key = store.redis_key(key, "log");
+        assert!(redis_key.len() < 9000 + 64, "bounded key length");
+        assert!(!redis_key.contains('*') && !redis_key.contains('\n'));
+        assert_eq!(
+            redis_key.matches('{').count(),
+            1,
+            "one hash tag: {redis_key:.80}"
+        );
+    }
+    // Each stream replays only its own events, though all share ID "1".
+    for (i, key) in keys.iter().enumerate() {
+        store
+            .append(key, vec![ev(2, "2", &format!("stream {i}"))])
+            .await
+            .unwrap();
+        let page = store.replay(key, &EventId::from_u64(1), 10).await.unwrap();
+        assert_eq!(page.events.len(), 1);
+        assert!(std::str::from_utf8(&page.events[0].raw)
+            .unwrap()
+            .contains(&format!("stream {i}\n")));
+    }
+    // Keys that differ only in where the session ends do not collide.
+    assert_ne!(
+        store.redis_key(&keys[4], "log"),
+        store.redis_key(&keys[5], "log")
+    );
+}
