@@ -13,16 +13,16 @@
 //!   UTF-8 become U+FFFD, so two IDs differing only in invalid bytes are the same ID.
 //! - **Events without an ID** pass through: they have no identity to compare.
 //! - **Bounded.** A window of the last `max_tracked` IDs (default 1,024 per
-//!   stream, 16 bytes each) is kept, O(1) per event. With
+//!   stream, 24 bytes each) is kept, O(1) per event. With
 //!   [`DedupLayer::ordered`], integer and `prefix-integer` IDs are told to
 //!   increase and a high-water mark replaces the window: constant memory, and
 //!   any ID at or below the mark is a duplicate; a new prefix (a new epoch)
 //!   starts a new mark.
 //! - **Resume.** A new connection rewinds the stream's record to the position
 //!   the client resumes from (its `Last-Event-ID`, else the stream's cursor,
-//!   the last event delivered): IDs recorded but never delivered are
-//!   deliverable again. A position the window no longer holds clears it —
-//!   delivery is at-least-once, never lossy.
+//!   the last event delivered, if no other connection of the stream is open):
+//!   IDs recorded but never delivered are deliverable again. A position the
+//!   window no longer holds clears it — delivery is at-least-once, never lossy.
 //! - **Sequence checks.** For integer and `prefix-integer` IDs, a gap (7 after
 //!   5) and a reorder (5 after 7, not a duplicate) are counted, reported to
 //!   interceptors (`on_gap`, `on_reorder`), and handled by a [`SequencePolicy`]
@@ -250,7 +250,7 @@ impl DedupState {
 impl MakeStage for MakeDedup {
     type Stage = DedupStage;
 
-    fn make_stage(&self, _request: &SseRequest, conn: &Connection) -> Option<DedupStage> {
+    fn make_stage(&self, request: &SseRequest, conn: &Connection) -> Option<DedupStage> {
         let config = self.config.clone();
         let state = conn.stream().extension(|| DedupState {
             window: Mutex::new(Window::new(config.max_tracked, config.ordered, config.seed)),
@@ -258,7 +258,16 @@ impl MakeStage for MakeDedup {
         });
         // Resume point: the cursor, which the track layer set from Last-Event-ID.
         let cursor = conn.stream().cursor();
-        state.lock().rewind(cursor.as_deref());
+        // Without a Last-Event-ID of the client's own, the cursor is a resume
+        // point only while no other connection of the stream is open: with
+        // others streaming it is merely the latest of their deliveries, possibly
+        // behind IDs they recorded (in flight, or delivered in another order
+        // than their cursor writes), and rewinding to it would deliver those twice.
+        match &request.last_event_id {
+            Some(id) => state.lock().rewind(Some(id)),
+            None if conn.stream().open_connections() <= 1 => state.lock().rewind(cursor.as_deref()),
+            None => {}
+        }
         let seeding = match &config.store {
             Some(store) if !state.seeded.swap(true, Ordering::AcqRel) => {
                 let store = store.clone();

@@ -1,7 +1,6 @@
 //! The per-stream record of delivered IDs.
 
-use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::VecDeque;
 
 use tower_sse::EventId;
 
@@ -35,15 +34,16 @@ struct Position {
 /// record order, plus the high-water mark and last position for sequential IDs.
 ///
 /// Fingerprints are 64-bit keyed hashes (a random key per process), so the
-/// window holds 16 bytes per ID however long IDs are; two distinct IDs collide
-/// with probability about `capacity / 2^64` per check.
+/// window holds 24 bytes per ID however long IDs are (8 in the ring, 16 in the
+/// table); two distinct IDs collide with probability about `capacity / 2^64`
+/// per check. Once the window is full its allocation never changes.
 #[derive(Debug)]
 pub(crate) struct Window {
     capacity: usize,
     ordered: bool,
     seed: u64,
     ring: VecDeque<u64>,
-    set: HashSet<u64, BuildHasherDefault<Prehashed>>,
+    set: FingerprintSet,
     mark: Option<Position>,
     last: Option<Position>,
 }
@@ -55,7 +55,7 @@ impl Window {
             ordered,
             seed,
             ring: VecDeque::new(),
-            set: HashSet::default(),
+            set: FingerprintSet::default(),
             mark: None,
             last: None,
         }
@@ -68,7 +68,7 @@ impl Window {
 
     /// Bytes allocated by the window's collections.
     pub(crate) fn allocated_bytes(&self) -> usize {
-        self.ring.capacity() * 8 + self.set.capacity() * 16
+        self.ring.capacity() * 8 + self.set.allocated_bytes()
     }
 
     /// Checks `id` without recording it.
@@ -77,7 +77,7 @@ impl Window {
         let duplicate = match (self.ordered, seq, &self.mark) {
             (true, Some((p, n)), Some(mark)) if *mark.prefix == *p => n <= mark.n,
             (true, Some(_), _) => false,
-            _ => self.set.contains(&fingerprint(self.seed, id.as_bytes())),
+            _ => self.set.contains(fingerprint(self.seed, id.as_bytes())),
         };
         let sequence = match (seq, &self.last) {
             (Some((p, n)), Some(last)) if *last.prefix == *p && !duplicate => {
@@ -111,14 +111,16 @@ impl Window {
             }
         }
         let fp = fingerprint(self.seed, id.as_bytes());
-        if !self.set.insert(fp) {
+        if self.set.contains(fp) {
             return;
         }
+        // Evict before inserting, so that the table never holds more than `capacity`.
         if self.ring.len() == self.capacity {
             if let Some(old) = self.ring.pop_front() {
-                self.set.remove(&old);
+                self.set.remove(old);
             }
         }
+        self.set.insert(fp);
         self.ring.push_back(fp);
     }
 
@@ -145,7 +147,7 @@ impl Window {
         match self.ring.iter().rposition(|f| *f == fp) {
             Some(pos) => {
                 for dropped in self.ring.drain(pos + 1..) {
-                    self.set.remove(&dropped);
+                    self.set.remove(dropped);
                 }
             }
             None => {
@@ -195,7 +197,11 @@ pub(crate) fn fingerprint(seed: u64, bytes: &[u8]) -> u64 {
         word[..rest.len()].copy_from_slice(rest);
         h = fold(h ^ u64::from_le_bytes(word), K2);
     }
-    fold(h, K2)
+    match fold(h, K2) {
+        // The table's empty slot; a 2^-64 event, merged with fingerprint 1.
+        EMPTY => 1,
+        h => h,
+    }
 }
 
 fn fold(a: u64, b: u64) -> u64 {
@@ -203,23 +209,111 @@ fn fold(a: u64, b: u64) -> u64 {
     (r as u64) ^ ((r >> 64) as u64)
 }
 
-/// A hasher for keys that already are well-mixed 64-bit fingerprints.
-#[derive(Default)]
-pub(crate) struct Prehashed(u64);
+/// A set of fingerprints in one open-addressing table: linear probing,
+/// deletion by backward shift (so no tombstones accumulate and the table
+/// never needs rebuilding), at most half full. It grows by doubling only while
+/// the window fills, so a full window's allocation is fixed: the next power of
+/// two at or above twice its capacity, 8 bytes a slot.
+///
+/// (A `HashSet` does not do: every eviction leaves a tombstone, and when
+/// tombstones use up its free slots it doubles its table, once the window has
+/// long been full; its `capacity()` shrinks with tombstones meanwhile, so it
+/// cannot even report what it holds.)
+#[derive(Debug, Default)]
+struct FingerprintSet {
+    /// `EMPTY`, or a fingerprint stored at or after its home slot.
+    slots: Box<[u64]>,
+    len: usize,
+}
 
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
+/// An empty slot. `fingerprint` never returns it.
+const EMPTY: u64 = 0;
+
+impl FingerprintSet {
+    fn allocated_bytes(&self) -> usize {
+        self.slots.len() * 8
     }
 
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 << 8) | u64::from(*b);
+    fn mask(&self) -> usize {
+        self.slots.len() - 1
+    }
+
+    fn home(&self, fp: u64) -> usize {
+        fp as usize & self.mask()
+    }
+
+    /// The slot holding `fp`, if any.
+    fn find(&self, fp: u64) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mut i = self.home(fp);
+        loop {
+            match self.slots[i] {
+                EMPTY => return None,
+                f if f == fp => return Some(i),
+                _ => i = (i + 1) & self.mask(),
+            }
         }
     }
 
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
+    fn contains(&self, fp: u64) -> bool {
+        self.find(fp).is_some()
+    }
+
+    /// Inserts `fp`, which must not be in the set.
+    fn insert(&mut self, fp: u64) {
+        debug_assert_ne!(fp, EMPTY);
+        if (self.len + 1) * 2 > self.slots.len() {
+            self.grow();
+        }
+        let mut i = self.home(fp);
+        while self.slots[i] != EMPTY {
+            i = (i + 1) & self.mask();
+        }
+        self.slots[i] = fp;
+        self.len += 1;
+    }
+
+    fn grow(&mut self) {
+        let size = (self.slots.len() * 2).max(8);
+        let old = std::mem::replace(&mut self.slots, vec![EMPTY; size].into_boxed_slice());
+        self.len = 0;
+        for fp in old.iter().copied().filter(|f| *f != EMPTY) {
+            self.insert(fp);
+        }
+    }
+
+    /// Removes `fp` if present, shifting back the entries of its probe run
+    /// that may then sit nearer their home slot.
+    fn remove(&mut self, fp: u64) {
+        let Some(mut hole) = self.find(fp) else {
+            return;
+        };
+        let mask = self.mask();
+        let mut j = hole;
+        loop {
+            j = (j + 1) & mask;
+            let f = self.slots[j];
+            if f == EMPTY {
+                break;
+            }
+            // `f` may fill the hole unless its home lies cyclically in (hole, j].
+            let from_home = j.wrapping_sub(self.home(f)) & mask;
+            let from_hole = j.wrapping_sub(hole) & mask;
+            if from_home >= from_hole {
+                self.slots[hole] = f;
+                hole = j;
+            }
+        }
+        self.slots[hole] = EMPTY;
+        self.len -= 1;
+    }
+
+    /// Empties the set, keeping its table.
+    fn clear(&mut self) {
+        self.slots.fill(EMPTY);
+        self.len = 0;
     }
 }
 
@@ -309,6 +403,48 @@ mod tests {
         o.rewind(Some(&id("4")));
         assert!(offer(&mut o, "4").duplicate);
         assert!(!offer(&mut o, "5").duplicate);
+    }
+
+    #[test]
+    fn fingerprint_set_matches_a_hash_set() {
+        // Few distinct values in small tables: long probe runs that wrap around.
+        let mut set = FingerprintSet::default();
+        let mut model = std::collections::HashSet::new();
+        let mut x = 0x1234_5678_9abc_def0_u64;
+        for step in 0..50_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let fp = x % 96 + 1;
+            if model.remove(&fp) {
+                set.remove(fp);
+            } else if model.len() < 48 {
+                model.insert(fp);
+                set.insert(fp);
+            }
+            assert_eq!(set.len, model.len());
+            if step % 97 == 0 {
+                for v in 1..=96 {
+                    assert_eq!(set.contains(v), model.contains(&v), "{v} at step {step}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn allocation_is_fixed_once_full() {
+        let mut w = Window::new(100, false, 1);
+        for n in 0..100 {
+            offer(&mut w, &format!("x{n}"));
+        }
+        let full = w.allocated_bytes();
+        for n in 100..20_000 {
+            assert!(!offer(&mut w, &format!("x{n}")).duplicate);
+            assert_eq!(w.allocated_bytes(), full);
+        }
+        assert_eq!(w.len(), 100);
+        assert!(offer(&mut w, "x19999").duplicate);
+        assert!(!offer(&mut w, "x19899").duplicate);
     }
 
     #[test]
