@@ -5,7 +5,14 @@
 //! curl -N localhost:3000/events                         # a ticker, one event per second
 //! curl -N -H 'Last-Event-ID: 5' localhost:3000/events   # resumes after event 5
 //! curl localhost:3000/stats                              # the registry's counters and cursors
+//! curl localhost:3000/metrics                            # the same in Prometheus text
 //! ```
+//!
+//! **Metrics to Prometheus.** `/metrics` serves
+//! [`tower_sse_health::prometheus_text`], dependency-free, for Prometheus to
+//! scrape. To feed an exporter of the `metrics` facade instead (for example
+//! `metrics-exporter-prometheus`), install it as the global recorder and call
+//! `tower_sse_health::MetricsExporter::new(registry).export()` periodically.
 //!
 //! Set `LISTEN=addr:port` to listen elsewhere and `TICK_MS` to change the pace.
 
@@ -40,6 +47,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .max_connections_per_stream(1, LimitPolicy::ReplaceOldest),
         )
         .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
         .with_state((registry, tick));
 
     let listener = tokio::net::TcpListener::bind(&listen).await?;
@@ -69,6 +77,10 @@ async fn ticker(
         Some((Ok(event), n + 1))
     });
     Sse::new(events)
+}
+
+async fn metrics(State((registry, _)): State<(Registry, Duration)>) -> String {
+    tower_sse_health::prometheus_text(&registry)
 }
 
 async fn stats(State((registry, _)): State<(Registry, Duration)>) -> String {
