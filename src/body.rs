@@ -8,6 +8,11 @@
 //! a stage can pass, drop, hold or emit frames of its own (replayed history,
 //! keep-alives) and end the stream with a reason.
 //!
+//! A stream that fails (a malformed upstream, a crossed limit, an upstream
+//! error, a stage closing it) ends **cleanly** after a closing comment
+//! `: tower-sse closed: <reason>: <detail>`, so the reason reaches the client;
+//! the failure is counted, logged and reported to `on_error`.
+//!
 //! The body owns the **point of delivery**: a frame yielded by the outermost
 //! stage runs through the interceptor chain, then moves the stream's cursor,
 //! then goes to the client. The cursor therefore never names an event the body
@@ -345,7 +350,6 @@ impl Base {
 
 enum Ending {
     Running,
-    Error(BoxError),
     Done,
 }
 
@@ -525,9 +529,9 @@ impl Pipeline {
     }
 
     fn fail(&mut self, err: BoxError) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        let (reason, detail, keep_error) = match err.downcast_ref::<Close>() {
-            Some(close) => (close.reason, close.detail.to_string(), false),
-            None => (CloseReason::Error, err.to_string(), true),
+        let (reason, detail) = match err.downcast_ref::<Close>() {
+            Some(close) => (close.reason, close.detail.to_string()),
+            None => (CloseReason::Error, err.to_string()),
         };
         if let Some(conn) = &self.conn {
             if err.is::<ParseError>() {
@@ -544,11 +548,9 @@ impl Pipeline {
         tracing::debug!(%reason, error = %err, "sse stream closing");
         self.end(reason);
         let comment = encode_comment(&format!("tower-sse closed: {reason}: {detail}"));
-        self.ending = if keep_error {
-            Ending::Error(err)
-        } else {
-            Ending::Done
-        };
+        // The body then ends cleanly: were it to end with an error, hyper would
+        // drop the connection with the closing comment still in its buffer.
+        self.ending = Ending::Done;
         Poll::Ready(Some(Ok(http_body::Frame::data(comment))))
     }
 
@@ -558,7 +560,6 @@ impl Pipeline {
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         match std::mem::replace(&mut self.ending, Ending::Done) {
             Ending::Running => self.ending = Ending::Running,
-            Ending::Error(e) => return Poll::Ready(Some(Err(e))),
             Ending::Done => return Poll::Ready(None),
         }
         loop {

@@ -547,7 +547,6 @@ async fn read_all(addr: SocketAddr, path: &str) -> Vec<u64> {
 /// `Last-Event-ID`, alone on the stream, rewinds the window to that cursor,
 /// forgets 6..=10 and delivers them a second time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "known bug: rewinding to a cursor that concurrent deliveries left behind the window"]
 async fn a_lone_connection_after_a_race_delivers_nothing_twice() {
     let hold = Arc::new(HoldFive::default());
     let registry = Registry::builder().interceptor_arc(hold.clone()).build();
@@ -584,7 +583,6 @@ async fn a_lone_connection_after_a_race_delivers_nothing_twice() {
 /// resuming on a new connection with `Last-Event-ID`, has those IDs dropped as
 /// duplicates: it never gets them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: an unnoticed dead connection takes new events from its resuming successor"]
 async fn a_resuming_client_is_not_starved_by_its_dead_connection() {
     let registry = Registry::default();
     let app = Router::new().route("/feed", get(resumable)).layer(

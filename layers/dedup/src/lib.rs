@@ -13,7 +13,7 @@
 //!   UTF-8 become U+FFFD, so two IDs differing only in invalid bytes are the same ID.
 //! - **Events without an ID** pass through: they have no identity to compare.
 //! - **Bounded.** A window of the last `max_tracked` IDs (default 1,024 per
-//!   stream, 24 bytes each) is kept, O(1) per event. With
+//!   stream, 32 bytes each) is kept, O(1) per event. With
 //!   [`DedupLayer::ordered`], integer and `prefix-integer` IDs are told to
 //!   increase and a high-water mark replaces the window: constant memory, and
 //!   any ID at or below the mark is a duplicate; a new prefix (a new epoch)
@@ -81,10 +81,11 @@
 
 mod window;
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 
@@ -224,6 +225,24 @@ pub struct MakeDedup {
 pub struct DedupState {
     window: Mutex<Window>,
     seeded: AtomicBool,
+    /// The newest ring position delivered, plus one (0: none).
+    delivered_pos: AtomicU64,
+    /// The highest sequence number delivered in ordered mode, plus one (0: none).
+    delivered_n: AtomicU64,
+}
+
+impl DedupState {
+    fn delivered(&self) -> (Option<u64>, Option<u64>) {
+        let get = |a: &AtomicU64| a.load(Ordering::Acquire).checked_sub(1);
+        (get(&self.delivered_pos), get(&self.delivered_n))
+    }
+
+    fn set_delivered(&self, (pos, n): (Option<u64>, Option<u64>)) {
+        self.delivered_pos
+            .store(pos.map_or(0, |p| p + 1), Ordering::Release);
+        self.delivered_n
+            .store(n.map_or(0, |n| n + 1), Ordering::Release);
+    }
 }
 
 impl DedupState {
@@ -255,6 +274,8 @@ impl MakeStage for MakeDedup {
         let state = conn.stream().extension(|| DedupState {
             window: Mutex::new(Window::new(config.max_tracked, config.ordered, config.seed)),
             seeded: AtomicBool::new(false),
+            delivered_pos: AtomicU64::new(0),
+            delivered_n: AtomicU64::new(0),
         });
         // Resume point: the cursor, which the track layer set from Last-Event-ID.
         let cursor = conn.stream().cursor();
@@ -264,8 +285,28 @@ impl MakeStage for MakeDedup {
         // behind IDs they recorded (in flight, or delivered in another order
         // than their cursor writes), and rewinding to it would deliver those twice.
         match &request.last_event_id {
-            Some(id) => state.lock().rewind(Some(id)),
-            None if conn.stream().open_connections() <= 1 => state.lock().rewind(cursor.as_deref()),
+            Some(id) => {
+                // A client resuming is the stream's consumer coming back: its
+                // older connections are stale (perhaps dead and not yet noticed)
+                // and must not go on recording IDs the resumed one needs.
+                for old in conn.stream().connections() {
+                    if old.id() != conn.id() {
+                        old.kill(CloseReason::Replaced);
+                    }
+                }
+                let mut window = state.lock();
+                window.rewind(Some(id));
+                // What the client holds is now the delivered position.
+                state.set_delivered(window.newest());
+            }
+            None if conn.stream().open_connections() <= 1 => {
+                // Rewind to what was delivered, known exactly from deliveries,
+                // not to the cursor: concurrent connections may have moved the
+                // cursor in another order than they delivered.
+                state
+                    .lock()
+                    .rewind_to_delivered(state.delivered().0, state.delivered().1)
+            }
             None => {}
         }
         let seeding = match &config.store {
@@ -289,6 +330,7 @@ impl MakeStage for MakeDedup {
             state,
             config,
             seeding,
+            passed: VecDeque::new(),
         })
     }
 }
@@ -301,7 +343,12 @@ pub struct DedupStage {
     state: Arc<DedupState>,
     config: Arc<Config>,
     seeding: Option<Seeding>,
+    /// Events passed on and not yet seen delivered: (fingerprint, ring position, sequence number).
+    passed: VecDeque<(u64, Option<u64>, Option<u64>)>,
 }
+
+/// Events passed on but dropped further out (never delivered) are forgotten past this.
+const MAX_PASSED: usize = 4096;
 
 enum Verdict {
     Pass,
@@ -310,7 +357,7 @@ enum Verdict {
 }
 
 impl DedupStage {
-    fn judge(&self, id: &EventId, below: &Below<'_>) -> Verdict {
+    fn judge(&mut self, id: &EventId, below: &Below<'_>) -> Verdict {
         let (check, verdict) = {
             let mut window = self.state.lock();
             let check = window.check(id);
@@ -322,7 +369,20 @@ impl DedupStage {
             };
             let verdict = match policy {
                 SequencePolicy::Pass => {
-                    window.record(id);
+                    let position = window.record(id);
+                    let n = if self.config.ordered {
+                        id.sequence().map(|(_, n)| n)
+                    } else {
+                        None
+                    };
+                    if self.passed.len() == MAX_PASSED {
+                        self.passed.pop_front();
+                    }
+                    self.passed.push_back((
+                        window::fingerprint(self.config.seed, id.as_bytes()),
+                        position,
+                        n,
+                    ));
                     Verdict::Pass
                 }
                 SequencePolicy::Drop => Verdict::Drop,
@@ -383,6 +443,22 @@ fn report(conn: &Connection, id: &EventId, duplicate: bool, sequence: &Sequence)
 }
 
 impl Stage for DedupStage {
+    fn on_delivered(&mut self, event: &tower_sse::Event) {
+        let Some(id) = event.id() else { return };
+        let fp = window::fingerprint(self.config.seed, id.as_bytes());
+        while let Some((f, position, n)) = self.passed.pop_front() {
+            if f == fp {
+                if let Some(p) = position {
+                    self.state.delivered_pos.fetch_max(p + 1, Ordering::AcqRel);
+                }
+                if let Some(n) = n {
+                    self.state.delivered_n.fetch_max(n + 1, Ordering::AcqRel);
+                }
+                return;
+            }
+        }
+    }
+
     fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
@@ -399,6 +475,7 @@ impl Stage for DedupStage {
                         window.record(id);
                     }
                     window.rewind(resume_from.as_ref());
+                    self.state.set_delivered(window.newest());
                 }
                 Err(e) => {
                     if let Some(conn) = below.connection() {

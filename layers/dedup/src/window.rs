@@ -34,7 +34,7 @@ struct Position {
 /// record order, plus the high-water mark and last position for sequential IDs.
 ///
 /// Fingerprints are 64-bit keyed hashes (a random key per process), so the
-/// window holds 24 bytes per ID however long IDs are (8 in the ring, 16 in the
+/// window holds 32 bytes per ID however long IDs are (16 in the ring, 16 in the
 /// table); two distinct IDs collide with probability about `capacity / 2^64`
 /// per check. Once the window is full its allocation never changes.
 #[derive(Debug)]
@@ -42,10 +42,14 @@ pub(crate) struct Window {
     capacity: usize,
     ordered: bool,
     seed: u64,
-    ring: VecDeque<u64>,
+    /// Fingerprints with the position they were recorded at, oldest first.
+    ring: VecDeque<(u64, u64)>,
     set: FingerprintSet,
     mark: Option<Position>,
     last: Option<Position>,
+    /// The position the next recorded fingerprint gets; only grows, so a
+    /// position is never reused after a rewind.
+    recorded: u64,
 }
 
 impl Window {
@@ -58,7 +62,17 @@ impl Window {
             set: FingerprintSet::default(),
             mark: None,
             last: None,
+            recorded: 0,
         }
+    }
+
+    /// The position of the newest ring entry, and the ordered mark's number:
+    /// after a rewind to a client's own position, that is what it holds.
+    pub(crate) fn newest(&self) -> (Option<u64>, Option<u64>) {
+        (
+            self.ring.back().map(|(_, pos)| *pos),
+            self.mark.as_ref().map(|m| m.n),
+        )
     }
 
     /// The number of fingerprints held.
@@ -68,7 +82,7 @@ impl Window {
 
     /// Bytes allocated by the window's collections.
     pub(crate) fn allocated_bytes(&self) -> usize {
-        self.ring.capacity() * 8 + self.set.allocated_bytes()
+        self.ring.capacity() * 16 + self.set.allocated_bytes()
     }
 
     /// Checks `id` without recording it.
@@ -100,28 +114,54 @@ impl Window {
         }
     }
 
-    /// Records `id` as delivered.
-    pub(crate) fn record(&mut self, id: &EventId) {
+    /// Records `id` as taken by a connection (checked and passed on).
+    /// Returns the ring position it got, if it entered the ring.
+    pub(crate) fn record(&mut self, id: &EventId) -> Option<u64> {
         let seq = id.sequence();
         if let Some((p, n)) = seq {
             advance(&mut self.last, p, n);
             if self.ordered {
                 advance(&mut self.mark, p, n);
-                return;
+                return None;
             }
         }
         let fp = fingerprint(self.seed, id.as_bytes());
         if self.set.contains(fp) {
-            return;
+            return None;
         }
         // Evict before inserting, so that the table never holds more than `capacity`.
         if self.ring.len() == self.capacity {
-            if let Some(old) = self.ring.pop_front() {
+            if let Some((old, _)) = self.ring.pop_front() {
                 self.set.remove(old);
             }
         }
         self.set.insert(fp);
-        self.ring.push_back(fp);
+        let position = self.recorded;
+        self.ring.push_back((fp, position));
+        self.recorded += 1;
+        Some(position)
+    }
+
+    /// Forgets what was taken but never delivered: ring entries after position
+    /// `delivered` (none delivered: all), and for the ordered mark, anything
+    /// above `delivered_n`. Used when a stream's lone new connection has no
+    /// `Last-Event-ID`: what connections delivered is known exactly, whatever
+    /// order their deliveries moved the cursor in.
+    pub(crate) fn rewind_to_delivered(&mut self, delivered: Option<u64>, delivered_n: Option<u64>) {
+        let keep = match delivered {
+            Some(upto) => self.ring.partition_point(|(_, pos)| *pos <= upto),
+            None => 0,
+        };
+        for (fp, _) in self.ring.drain(keep..) {
+            self.set.remove(fp);
+        }
+        if self.ordered {
+            match (&mut self.mark, delivered_n) {
+                (Some(mark), Some(n)) => mark.n = mark.n.min(n),
+                (mark, _) => *mark = None,
+            }
+            self.last = self.mark.clone();
+        }
     }
 
     /// Forgets everything recorded after `to`, the position a connection resumes
@@ -144,9 +184,9 @@ impl Window {
             }
         }
         let fp = fingerprint(self.seed, to.as_bytes());
-        match self.ring.iter().rposition(|f| *f == fp) {
+        match self.ring.iter().rposition(|(f, _)| *f == fp) {
             Some(pos) => {
-                for dropped in self.ring.drain(pos + 1..) {
+                for (dropped, _) in self.ring.drain(pos + 1..) {
                     self.set.remove(dropped);
                 }
             }

@@ -161,7 +161,12 @@ async fn an_id_over_the_limit_ends_the_stream_with_a_closing_comment() {
         assert!(text.contains("longer than 1024 bytes"), "{what}: {text:?}");
         assert!(text.ends_with("\n\n"), "{what}: {text:?}");
         assert_eq!(got.data(), ["before"], "{what}: nothing after the comment");
-        assert!(got.error.is_some(), "{what}: the body ends with its error");
+        // Ending cleanly keeps the closing comment: an erroring body makes
+        // hyper drop the connection with the comment still buffered.
+        assert!(
+            got.error.is_none(),
+            "{what}: the body ends cleanly after its comment"
+        );
         assert_eq!(counter(&registry, Counter::ParseErrors), 1, "{what}");
         assert_eq!(counter(&registry, Counter::ClosedError), 1, "{what}");
     }
