@@ -5,7 +5,8 @@
 //! request can be sent again. While the upstream stream is live, an abrupt
 //! failure is hidden from the client:
 //!
-//! - **What counts as a failure:** connection refused or reset, a body cut off
+//! - **What counts as a failure:** connection refused or reset, no response
+//!   headers within [`ReconnectPolicy::connect_budget`], a body cut off
 //!   before its end, a 5xx or 429 answer, silence past the watchdog. Other 4xx
 //!   answers and non-SSE answers are not retried: the stream ends with the
 //!   reason in a closing comment.
@@ -25,7 +26,8 @@
 //! - **First connection:** an unreachable upstream is retried within
 //!   [`ReconnectPolicy::connect_budget`] (a browser's `EventSource` gives up
 //!   for good on an error status); past it the client gets `502 Bad Gateway`
-//!   with a plain-text reason, never a hang.
+//!   with a plain-text reason, never a hang — also when the upstream accepts
+//!   the connection but never answers.
 //!
 //! Hooks `on_upstream_error` and `on_reconnect` fire on the registry's
 //! interceptors; reconnects are counted in `Counter::Reconnects`.
@@ -156,7 +158,9 @@ impl ReconnectPolicy {
         self
     }
 
-    /// How long the first connection may be retried before answering 502.
+    /// How long the first connection may be retried before answering 502;
+    /// also the longest any one attempt (first or reconnect) waits for the
+    /// upstream's response headers before it counts as a failure.
     pub fn connect_budget(mut self, d: Duration) -> Self {
         self.connect_budget = d;
         self
@@ -365,14 +369,19 @@ where
             let started = Instant::now();
             let mut attempt = 0u32;
             let resp = loop {
-                let outcome = send(inner.clone(), template.request(first_cursor.as_deref())).await;
-                let (error, wait_hint) = match outcome {
-                    Ok(resp) if !retryable(resp.status()) => break resp,
-                    Ok(resp) => {
+                // An upstream that accepts the connection but never answers
+                // would hold the request forever (the client has no timeout of
+                // its own): each attempt gets what is left of the budget.
+                let remaining = policy.connect_budget.saturating_sub(started.elapsed());
+                let attempt_fut = send(inner.clone(), template.request(first_cursor.as_deref()));
+                let (error, wait_hint) = match tokio::time::timeout(remaining, attempt_fut).await {
+                    Ok(Ok(resp)) if !retryable(resp.status()) => break resp,
+                    Ok(Ok(resp)) => {
                         let hint = retry_after(resp.headers());
                         (format!("upstream answered {}", resp.status()), hint)
                     }
-                    Err(e) => (format!("upstream unreachable: {e}"), None),
+                    Ok(Err(e)) => (format!("upstream unreachable: {e}"), None),
+                    Err(_) => (no_answer(policy.connect_budget).to_string(), None),
                 };
                 attempt += 1;
                 let wait = policy.backoff(attempt, None, wait_hint);
@@ -425,6 +434,11 @@ where
         .await
         .map_err(Into::into)?;
     inner.call(req).await.map_err(Into::into)
+}
+
+/// The failure of an attempt that got no response headers in time.
+fn no_answer(budget: Duration) -> BoxError {
+    format!("upstream sent no answer within {budget:?}").into()
 }
 
 type BoxBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>;
@@ -574,7 +588,17 @@ where
                     let req = self
                         .template
                         .request(stream.last_event_id.map(|id| id.as_str()));
-                    self.state = State::Connecting(Box::pin(send(self.inner.clone(), req)));
+                    // Bounded like the first request: a reconnect to an upstream
+                    // that accepts but never answers fails after the budget
+                    // instead of hanging the client's stream for good.
+                    let budget = self.policy.connect_budget;
+                    let attempt = send(self.inner.clone(), req);
+                    self.state = State::Connecting(Box::pin(async move {
+                        match tokio::time::timeout(budget, attempt).await {
+                            Ok(outcome) => outcome,
+                            Err(_) => Err(no_answer(budget)),
+                        }
+                    }));
                 }
                 State::Connecting(fut) => match std::task::ready!(fut.as_mut().poll(cx)) {
                     Ok(resp) if resp.status().is_success() && is_event_stream(resp.headers()) => {
