@@ -1,0 +1,244 @@
+//! The per-connection stage: activity, keep-alives, the idle close, the connection span.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
+use tower_sse::body::Below;
+use tower_sse::parse::Frame;
+use tower_sse::registry::{ConnectionEntry, StreamState};
+use tower_sse::{BoxError, Close, CloseReason, Connection, Counter, Event, Registry, Stage};
+
+use crate::layer::Config;
+
+/// Events delivered between two activity stamps while the stream never waits:
+/// a busy stream costs one clock read per this many events, not one per event.
+const TOUCH_EVERY: u32 = 256;
+
+/// The per-connection stage of [`HealthLayer`](crate::HealthLayer).
+///
+/// Per event it only sets two flags and bumps a counter. Clocks are read when
+/// the stream below has nothing ready (the moment a burst of events ends) and
+/// when the timer fires; the timer is armed once and, when activity moved its
+/// deadline, re-armed for the remaining time only when it fires.
+pub struct HealthStage {
+    span: tracing::Span,
+    state: State,
+}
+
+struct State {
+    config: Arc<Config>,
+    registry: Registry,
+    stream: Arc<StreamState>,
+    entry: Arc<ConnectionEntry>,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The last frame from the inner stream, as of the last settle.
+    last_in: Instant,
+    /// The last frame written to the client (keep-alives included), as of the last settle.
+    last_out: Instant,
+    /// A frame came from below since the last settle.
+    seen_in: bool,
+    /// A frame went to the client since the last settle.
+    seen_out: bool,
+    since_touch: u32,
+    idle_fired: bool,
+}
+
+impl HealthStage {
+    pub(crate) fn new(config: Arc<Config>, conn: &Connection) -> Self {
+        let key = conn.stream().key();
+        let span = tracing::debug_span!(
+            "sse_connection",
+            stream = key.resource(),
+            session = tracing::field::Empty,
+            connection = %conn.id(),
+        );
+        if let Some(session) = key.session() {
+            span.record("session", session);
+        }
+        let now = Instant::now();
+        HealthStage {
+            span,
+            state: State {
+                config,
+                registry: conn.registry().clone(),
+                stream: conn.stream().clone(),
+                entry: conn.entry().clone(),
+                timer: None,
+                last_in: now,
+                last_out: now,
+                seen_in: false,
+                seen_out: false,
+                since_touch: 0,
+                idle_fired: false,
+            },
+        }
+    }
+}
+
+impl State {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        below: &mut Below<'_>,
+    ) -> Poll<Option<Result<Frame, BoxError>>> {
+        match below.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                self.seen_in = true;
+                match &frame {
+                    Frame::Event(event) => {
+                        tracing::trace!(id = ?event.id(), bytes = event.raw().len(), "event");
+                    }
+                    Frame::Other(bytes) => {
+                        // Non-event frames are always written; events count once delivered.
+                        self.seen_out = true;
+                        tracing::trace!(bytes = bytes.len(), "comment");
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(end) => Poll::Ready(end),
+            Poll::Pending => self.poll_timers(cx, below),
+        }
+    }
+
+    /// The earliest moment something is due, if a timer is configured.
+    fn deadline(&self) -> Option<Instant> {
+        next_deadline(&self.config, self.last_in, self.last_out)
+    }
+
+    /// Turns the flags set since the last settle into times, with one clock read.
+    fn settle(&mut self) {
+        if !(self.seen_in || self.seen_out) {
+            return;
+        }
+        let now = Instant::now();
+        if self.seen_in {
+            self.last_in = now;
+        }
+        if self.seen_out {
+            self.last_out = now;
+        }
+        self.seen_in = false;
+        self.seen_out = false;
+        self.since_touch = 0;
+        self.entry.touch(self.registry.now_ms());
+    }
+
+    /// Below has nothing ready: send a keep-alive or close if one is due, else wait on the timer.
+    fn poll_timers(
+        &mut self,
+        cx: &mut Context<'_>,
+        below: &Below<'_>,
+    ) -> Poll<Option<Result<Frame, BoxError>>> {
+        self.settle();
+        loop {
+            let Some(deadline) = self.deadline() else {
+                return Poll::Pending;
+            };
+            let timer = match &mut self.timer {
+                Some(timer) => timer,
+                None => {
+                    if tokio::runtime::Handle::try_current().is_err() {
+                        warn_no_runtime();
+                        return Poll::Pending;
+                    }
+                    self.timer
+                        .insert(Box::pin(tokio::time::sleep_until(deadline)))
+                }
+            };
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            if let Some(limit) = self.config.idle_timeout {
+                let silent = now.saturating_duration_since(self.last_in);
+                if silent >= limit {
+                    return self.close_idle(silent, below);
+                }
+            }
+            if let Some(every) = self.config.keep_alive {
+                if now.saturating_duration_since(self.last_out) >= every {
+                    self.last_out = now;
+                    if let Some(next) = next_deadline(&self.config, self.last_in, now) {
+                        timer.as_mut().reset(next);
+                    }
+                    self.registry.count(&self.stream, Counter::KeepAlives, 1);
+                    tracing::trace!("keep-alive");
+                    return Poll::Ready(Some(Ok(Frame::Other(self.config.comment.clone()))));
+                }
+            }
+            // Fired for a deadline that activity has since moved: wait for the rest.
+            timer.as_mut().reset(deadline);
+        }
+    }
+
+    fn close_idle(
+        &mut self,
+        silent: Duration,
+        below: &Below<'_>,
+    ) -> Poll<Option<Result<Frame, BoxError>>> {
+        let silent = Duration::from_millis(silent.as_millis() as u64);
+        if !self.idle_fired {
+            self.idle_fired = true;
+            tracing::debug!(
+                silent_ms = silent.as_millis() as u64,
+                "sse upstream idle, closing"
+            );
+            if let Some(conn) = below.connection() {
+                let registry = conn.registry();
+                let interceptors = registry.interceptors();
+                if !interceptors.is_empty() {
+                    let cx = conn.context();
+                    interceptors.fire(registry, Some(conn.stream()), |i| i.on_idle(&cx, silent));
+                }
+            }
+        }
+        Poll::Ready(Some(Err(Box::new(Close::new(
+            CloseReason::Idle,
+            format!("no data from upstream for {silent:?}"),
+        )))))
+    }
+}
+
+fn next_deadline(config: &Config, last_in: Instant, last_out: Instant) -> Option<Instant> {
+    let idle = config.idle_timeout.map(|d| last_in + d);
+    let keep_alive = config.keep_alive.map(|d| last_out + d);
+    match (idle, keep_alive) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn warn_no_runtime() {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!("tower-sse-health: body polled outside a Tokio runtime; keep-alives and idle detection are off for it");
+    }
+}
+
+impl Stage for HealthStage {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        below: &mut Below<'_>,
+    ) -> Poll<Option<Result<Frame, BoxError>>> {
+        // A disabled span (no subscriber wants debug) is not entered at all.
+        let _entered = (!self.span.is_disabled()).then(|| self.span.enter());
+        self.state.poll_frame(cx, below)
+    }
+
+    fn on_delivered(&mut self, _event: &Event) {
+        let state = &mut self.state;
+        state.seen_out = true;
+        state.since_touch += 1;
+        if state.since_touch >= TOUCH_EVERY {
+            state.since_touch = 0;
+            state.entry.touch(state.registry.now_ms());
+        }
+    }
+}
