@@ -15,7 +15,7 @@ use tower_sse::store::{EventStore, ReplayPage, ResumeOutcome};
 use tower_sse::{BoxError, Counter, Registry, SseBody, SseRequest, LAST_EVENT_ID};
 
 use crate::linger::{self, PersistStream};
-use crate::stage::{Recorder, Replayer, Target};
+use crate::stage::{Recorder, Replayed, Replayer, Target};
 use crate::{Config, EpochSequence, FailMode, MakeEventId, StoreWrites, SSE_RESUME};
 
 /// The status and headers of an upstream SSE response, kept to answer a
@@ -271,9 +271,10 @@ where
                 config: config.clone(),
                 head,
             };
+            let replayed = Replayed::default();
             if let (Some(seq), false) = (seq, reattached) {
                 resp.body_mut()
-                    .push_stage(Recorder::new(target.clone(), seq));
+                    .push_stage(Recorder::new(target.clone(), seq, replayed.clone()));
             }
             if let Some(cursor) = &cursor {
                 let page = match store.replay(&sse.key, cursor, config.page_size).await {
@@ -302,6 +303,8 @@ where
                 }
                 tracing::debug!(stream = %sse.key, %cursor, %outcome, "resume");
                 let page = if outcome == ResumeOutcome::Recovered {
+                    // An upstream resending from the cursor itself: the client holds it.
+                    replayed.insert(cursor.detached());
                     page
                 } else {
                     ReplayPage {
@@ -309,8 +312,12 @@ where
                         events: Vec::new(),
                     }
                 };
-                resp.body_mut()
-                    .push_stage(Replayer::new(&target, page, config.page_size));
+                resp.body_mut().push_stage(Replayer::new(
+                    &target,
+                    page,
+                    config.page_size,
+                    replayed,
+                ));
             }
             Ok(resp)
         })

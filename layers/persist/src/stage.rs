@@ -4,8 +4,8 @@
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -40,11 +40,53 @@ pub(crate) struct Target {
     pub head: Arc<Head>,
 }
 
+/// The IDs a resuming connection was sent from history (and its cursor),
+/// shared by its replayer, which fills it, and its recorder, which neither
+/// stores nor passes on the live copies an upstream resends of them: storing
+/// them again would put duplicates in the history that a later resume from an
+/// older cursor replays. The overlap ends at the first live event that is not
+/// such a copy; the set is then emptied.
+#[derive(Clone, Default)]
+pub(crate) struct Replayed(Arc<ReplayedIds>);
+
+#[derive(Default)]
+struct ReplayedIds {
+    active: AtomicBool,
+    ids: Mutex<HashSet<EventId>>,
+}
+
+impl Replayed {
+    pub(crate) fn insert(&self, id: EventId) {
+        self.0
+            .ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        self.0.active.store(true, Ordering::Release);
+    }
+
+    /// Whether a live event (by its own ID) copies one the client already holds.
+    fn skip_live(&self, id: Option<&EventId>) -> bool {
+        if !self.0.active.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut ids = self.0.ids.lock().unwrap_or_else(|p| p.into_inner());
+        if id.is_some_and(|id| ids.contains(id)) {
+            return true;
+        }
+        // The live stream has moved past the history: nothing more to skip.
+        *ids = HashSet::new();
+        self.0.active.store(false, Ordering::Release);
+        false
+    }
+}
+
 /// Stamps, stores and (in the default durability mode) holds each event until
 /// its batch is committed, so a client never holds an event a crash could lose.
 pub(crate) struct Recorder {
     target: Target,
     seq: Arc<AtomicU64>,
+    replayed: Replayed,
     in_flight: VecDeque<Batch>,
     held: usize,
     end: Option<Option<BoxError>>,
@@ -56,10 +98,11 @@ pub(crate) struct Recorder {
 const MAX_BATCH: usize = 128;
 
 impl Recorder {
-    pub(crate) fn new(target: Target, seq: Arc<AtomicU64>) -> Self {
+    pub(crate) fn new(target: Target, seq: Arc<AtomicU64>, replayed: Replayed) -> Self {
         Recorder {
             target,
             seq,
+            replayed,
             in_flight: VecDeque::new(),
             held: 0,
             end: None,
@@ -216,6 +259,13 @@ impl Stage for Recorder {
             while frames.len() < MAX_BATCH {
                 match below.poll_frame(cx) {
                     Poll::Ready(Some(Ok(mut frame))) => {
+                        // The replayer above polls below only once the history
+                        // is sent, so `replayed` is complete here.
+                        if let Frame::Event(event) = &frame {
+                            if self.replayed.skip_live(event.id()) {
+                                continue;
+                            }
+                        }
                         if let Some(s) = self.prepare(&mut frame, now_ms) {
                             stored.push(s);
                         }
@@ -282,13 +332,20 @@ pub(crate) struct Replayer {
     page_size: usize,
     last_page_full: bool,
     fetching: Option<StoreFuture<ReplayPage>>,
-    replayed: HashSet<EventId>,
+    replayed: Replayed,
     last_replayed: Option<EventId>,
     replaying: bool,
 }
 
 impl Replayer {
-    pub(crate) fn new(target: &Target, first: ReplayPage, page_size: usize) -> Self {
+    /// `replayed` holds the client's cursor and is shared with the connection's
+    /// recorder, if it has one of its own (not when it took over a lingering upstream).
+    pub(crate) fn new(
+        target: &Target,
+        first: ReplayPage,
+        page_size: usize,
+        replayed: Replayed,
+    ) -> Self {
         let full = first.events.len() >= page_size;
         Replayer {
             store: target.store.clone(),
@@ -299,7 +356,7 @@ impl Replayer {
             page_size,
             last_page_full: full,
             fetching: None,
-            replayed: HashSet::new(),
+            replayed,
             last_replayed: None,
             replaying: true,
         }
@@ -355,14 +412,12 @@ impl Stage for Replayer {
             self.fetching = None;
         }
         loop {
+            // A recorder below skipped the copies already; a lingering chain's
+            // recorder does not know this connection's history, so check here too.
             let frame = std::task::ready!(below.poll_frame(cx));
             if let Some(Ok(Frame::Event(event))) = &frame {
-                if !self.replayed.is_empty() {
-                    if event.id().is_some_and(|id| self.replayed.contains(id)) {
-                        continue;
-                    }
-                    // The live stream has moved past the history: nothing more to skip.
-                    self.replayed = HashSet::new();
+                if self.replayed.skip_live(event.id()) {
+                    continue;
                 }
             }
             return Poll::Ready(frame);
