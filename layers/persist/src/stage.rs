@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
 
 use tower_sse::body::Below;
 use tower_sse::parse::Frame;
@@ -81,6 +80,17 @@ impl Replayed {
     }
 }
 
+/// The newest cursor waiting to be written, and whether a write is under way.
+#[derive(Default)]
+struct CursorSlot {
+    latest: Mutex<Option<EventId>>,
+    writing: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Stamps, stores and (in the default durability mode) holds each event until
 /// its batch is committed, so a client never holds an event a crash could lose.
 pub(crate) struct Recorder {
@@ -92,7 +102,7 @@ pub(crate) struct Recorder {
     end: Option<Option<BoxError>>,
     failed: bool,
     last_delivered: Option<EventId>,
-    cursor_written: Option<Instant>,
+    cursor: Arc<CursorSlot>,
 }
 
 const MAX_BATCH: usize = 128;
@@ -108,7 +118,7 @@ impl Recorder {
             end: None,
             failed: false,
             last_delivered: None,
-            cursor_written: None,
+            cursor: Arc::default(),
         }
     }
 
@@ -178,30 +188,46 @@ impl Recorder {
         }
     }
 
-    fn write_cursor(&mut self, force: bool) {
-        let Some(id) = self.last_delivered.clone() else {
+    /// Hands the last delivered ID to the cursor writer. At most one write per
+    /// connection is in flight; later IDs replace a waiting one, so the stored
+    /// cursor trails deliveries by about one store round trip, whatever the rate.
+    fn write_cursor(&mut self) {
+        let Some(id) = self.last_delivered.take() else {
             return;
         };
-        if !force
-            && self
-                .cursor_written
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-        {
+        *lock(&self.cursor.latest) = Some(id);
+        if self.cursor.writing.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.cursor_written = Some(Instant::now());
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.cursor.writing.store(false, Ordering::Release);
+            return;
+        };
+        let slot = self.cursor.clone();
         let store = self.target.store.clone();
         let key = self.target.key.clone();
         let registry = self.target.registry.clone();
         let stream = self.target.stream.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                if let Err(e) = store.set_cursor(&key, Some(&id)).await {
-                    registry.count(&stream, Counter::StoreErrors, 1);
-                    tracing::warn!(error = %e, "storing the SSE cursor failed");
+        handle.spawn(async move {
+            loop {
+                let next = lock(&slot.latest).take();
+                match next {
+                    Some(id) => {
+                        if let Err(e) = store.set_cursor(&key, Some(&id)).await {
+                            registry.count(&stream, Counter::StoreErrors, 1);
+                            tracing::warn!(error = %e, "storing the SSE cursor failed");
+                        }
+                    }
+                    None => {
+                        slot.writing.store(false, Ordering::Release);
+                        // A delivery between the take and the store above found the flag set.
+                        if lock(&slot.latest).is_none() || slot.writing.swap(true, Ordering::AcqRel) {
+                            return;
+                        }
+                    }
                 }
-            });
-        }
+            }
+        });
     }
 }
 
@@ -303,16 +329,16 @@ impl Stage for Recorder {
     fn on_delivered(&mut self, event: &Event) {
         if let Some(id) = event.last_event_id() {
             self.last_delivered = Some(id.detached());
-            self.write_cursor(false);
+            self.write_cursor();
         }
     }
 
     fn on_end(&mut self, _reason: CloseReason) {
-        self.write_cursor(true);
+        self.write_cursor();
     }
 
     fn linger(&mut self) -> Option<Box<dyn FnOnce(Chain) + Send>> {
-        self.write_cursor(true);
+        self.write_cursor();
         let linger_for = self.target.config.linger?;
         let target = self.target.clone();
         Some(Box::new(move |chain| {
