@@ -528,6 +528,15 @@ impl EventStore for RedbStore {
         Box::pin(self.read(move |shared| shared.replay(&key, &after, limit)))
     }
 
+    fn recent_ids<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<EventId>, StoreError>> {
+        let key = encode_key(key);
+        Box::pin(self.read(move |shared| shared.recent_ids(&key, limit)))
+    }
+
     fn last_seq<'a>(&'a self, key: &'a StreamKey) -> BoxFuture<'a, Result<u64, StoreError>> {
         let key = encode_key(key);
         Box::pin(self.read(move |shared| Ok(shared.meta(&key)?.map_or(0, |m| m.last_seq))))
@@ -650,6 +659,20 @@ impl Shared {
             let streams = txn.open_table(STREAMS)?;
             let meta = streams.get(key)?;
             meta.map(|m| StreamMeta::decode(m.value())).transpose()
+        })
+    }
+
+    fn recent_ids(&self, key: &[u8], limit: usize) -> Result<Vec<EventId>, StoreError> {
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let events = txn.open_table(EVENTS)?;
+            let mut ids = Vec::with_capacity(limit.min(4096));
+            for entry in events.range((key, 0)..=(key, u64::MAX))?.rev().take(limit) {
+                let (k, v) = entry?;
+                ids.push(decode_event(k.value().1, v.value())?.id);
+            }
+            ids.reverse();
+            Ok(ids)
         })
     }
 

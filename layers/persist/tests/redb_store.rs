@@ -1090,3 +1090,50 @@ async fn every_acknowledged_append_survives_kill_9() {
         drop(store);
     }
 }
+
+/// What seeds a dedup window after a restart: the stream's newest IDs, oldest first,
+/// from this stream only, surviving a reopen, and within retention.
+#[tokio::test]
+async fn recent_ids_survive_reopen_and_respect_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("recent.redb");
+    let retention = Retention {
+        max_events: 5,
+        ..Retention::default()
+    };
+    {
+        let store = open(&path, retention);
+        let a = key("/a");
+        store
+            .append(&a, (1..=8).map(|n| ev(n, &format!("a{n}"), 10)).collect())
+            .await
+            .unwrap();
+        store
+            .append(&key("/b"), vec![ev(1, "b1", 10)])
+            .await
+            .unwrap();
+        let ids: Vec<String> = store
+            .recent_ids(&a, 3)
+            .await
+            .unwrap()
+            .iter()
+            .map(|i| i.as_str().to_owned())
+            .collect();
+        assert_eq!(ids, ["a6", "a7", "a8"]);
+        store.flush().await.unwrap();
+    }
+    let store = open(&path, retention);
+    let ids: Vec<String> = store
+        .recent_ids(&key("/a"), 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().to_owned())
+        .collect();
+    assert_eq!(ids, ["a4", "a5", "a6", "a7", "a8"], "retention keeps 5");
+    assert!(store
+        .recent_ids(&key("/none"), 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
