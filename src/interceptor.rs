@@ -1,6 +1,6 @@
 //! Interceptors: users' own plugins, fired on every event-ID update.
 //!
-//! An [`Interceptor`] is registered on the [`Registry`](crate::Registry), so
+//! An [`Interceptor`] is registered on the [`Registry`], so
 //! every layer built from it fires the same chain. Interceptors run in the
 //! order they were added, synchronously at the point of delivery, after every
 //! layer accepted the event and before the cursor moves: an interceptor sees
@@ -8,7 +8,7 @@
 //! ([`Event::set_data`]) or veto it ([`Decision::Drop`]); the first veto wins.
 //!
 //! A panic inside a hook is caught and counted
-//! ([`Counter::InterceptorPanics`](crate::Counter::InterceptorPanics)); the
+//! ([`Counter::InterceptorPanics`]); the
 //! event is then delivered and the stream goes on. Hooks must not block: work
 //! that waits (files, networks) belongs in an [`AsyncInterceptor`], which moves
 //! it off the hot path through a bounded queue. With no interceptor

@@ -187,6 +187,60 @@ pub trait EventStore: Send + Sync + 'static {
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async { Ok(()) })
     }
+
+    /// Acquires the stream's ownership lease for `holder` for `ttl`, or renews
+    /// it if `holder` already has it. `Ok(false)`: another holder has it.
+    ///
+    /// The lease says which instance reads a stream's upstream into the store
+    /// while no client is attached (linger), so that instances sharing a store
+    /// do not each keep an upstream open. The default grants it always: a store
+    /// that is not shared between processes (memory, redb) has one instance.
+    fn try_lease<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let _ = (key, holder, ttl);
+        Box::pin(async { Ok(true) })
+    }
+
+    /// Releases the stream's lease if `holder` has it (a no-op otherwise).
+    fn release_lease<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        holder: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let _ = (key, holder);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Who holds the stream's lease now, if anyone. The default, for a store
+    /// that is not shared, knows of no other holder: `None`.
+    fn lease_holder<'a>(
+        &'a self,
+        key: &'a StreamKey,
+    ) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
+        let _ = key;
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Up to `limit` events of the stream with a sequence number above
+    /// `after_seq`, in order; when there is none yet, waits up to `block` for
+    /// one to be appended (by any instance sharing the store) and returns an
+    /// empty list if none came. What a cross-instance live tail follows.
+    ///
+    /// The default fails: a store that is not shared has no other instance to follow.
+    fn tail<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        after_seq: u64,
+        limit: usize,
+        block: Duration,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
+        let _ = (key, after_seq, limit, block);
+        Box::pin(async { Err(StoreError::Backend("tail unsupported".into())) })
+    }
 }
 
 /// Runs [`EventStore::delete_expired`] every `period`, forever (spawn it). In
@@ -354,6 +408,8 @@ impl MemoryStore {
     }
 }
 
+// The lease and tail methods keep their defaults: a memory store lives in one
+// process, so there is no other instance to lease a stream from or to follow.
 impl EventStore for MemoryStore {
     fn epoch(&self) -> &str {
         &self.epoch

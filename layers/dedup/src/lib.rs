@@ -2,7 +2,7 @@
 //!
 //! [`DedupLayer`] drops any event whose ID was already delivered on the same
 //! stream key — across all of that stream's connections and reconnects —
-//! because its state lives in the shared [`Registry`](tower_sse::Registry), not
+//! because its state lives in the shared [`Registry`], not
 //! in the connection. Checking and recording an ID is one step under the
 //! stream's lock, so two connections racing with the same ID cannot both
 //! deliver it.

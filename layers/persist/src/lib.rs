@@ -2,7 +2,7 @@
 //! for upstreams that have none.
 //!
 //! [`PersistLayer`] stores every event of an SSE response that reaches the
-//! client (after dedup when stacked) in an [`EventStore`] — redb on disk by
+//! client (after dedup when stacked) in an [`EventStore`](tower_sse::store::EventStore) — redb on disk by
 //! default ([`RedbStore`], feature `redb`), a bounded memory store, or Redis —
 //! and serves resumes:
 //!
@@ -102,7 +102,7 @@ mod service;
 mod stage;
 
 #[cfg(feature = "redb")]
-pub use redb_store::{Durability, RedbStore, RedbStoreBuilder};
+pub use redb_store::{Durability, RedbStore, RedbStoreBuilder, StoreOpenError};
 pub use service::{Persist, PersistLayer};
 
 use std::sync::atomic::AtomicUsize;

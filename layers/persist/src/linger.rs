@@ -1,5 +1,16 @@
 //! Linger: keep reading an upstream for a while after its client left, so a
 //! client that comes back loses nothing even from an upstream that cannot resume.
+//!
+//! Across instances sharing a store, one instance at a time lingers on a
+//! stream: the linger takes the stream's lease ([`EventStore::try_lease`]) with
+//! the layer's instance ID before reading on, renews it every third of its TTL,
+//! and releases it when the linger ends or a local client takes the upstream
+//! over. If another instance holds the lease, the upstream is closed at once
+//! (that instance is already storing the stream). If the store cannot be
+//! reached to take the lease, the linger goes on (fail-open): a missing lease
+//! only means that instances elsewhere open their own upstream.
+//!
+//! [`EventStore::try_lease`]: tower_sse::store::EventStore::try_lease
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +34,8 @@ pub(crate) struct PersistStream {
 
 struct Lingering {
     chain: Mutex<Option<Chain>>,
+    /// Wakes the linger task when a client takes the chain over.
+    taken: tokio::sync::Notify,
     head: Arc<Head>,
 }
 
@@ -30,10 +43,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+impl PersistStream {
+    /// Whether this instance lingers on the stream's upstream now.
+    pub(crate) fn is_lingering(&self) -> bool {
+        lock(&self.lingering).is_some()
+    }
+}
+
 /// Takes over a lingering upstream of the stream, if there is one.
 pub(crate) fn take(state: &PersistStream) -> Option<(Chain, Arc<Head>)> {
     let slot = lock(&state.lingering).take()?;
     let chain = lock(&slot.chain).take()?;
+    // The linger task sees the chain gone and releases the lease.
+    slot.taken.notify_one();
     Some((chain, slot.head.clone()))
 }
 
@@ -50,11 +72,25 @@ pub(crate) fn start(target: Target, chain: Chain, linger_for: Duration) {
     }
     let slot = Arc::new(Lingering {
         chain: Mutex::new(Some(chain)),
+        taken: tokio::sync::Notify::new(),
         head: target.head.clone(),
     });
     *lock(&target.state.lingering) = Some(slot.clone());
     tracing::debug!(stream = %target.key, ?linger_for, "client gone; lingering on the upstream");
     handle.spawn(async move {
+        let store = target.store.clone();
+        let holder = config.instance.clone();
+        let ttl = config.lease_ttl;
+        let leased = match store.try_lease(&target.key, &holder, ttl).await {
+            Ok(granted) => granted,
+            Err(e) => {
+                tracing::warn!(stream = %target.key, error = %e, "taking the linger lease failed; lingering anyway");
+                true
+            }
+        };
+        if !leased {
+            tracing::debug!(stream = %target.key, "another instance lingers on this stream; upstream closed");
+        }
         let drive = poll_fn(|cx| {
             let mut guard = lock(&slot.chain);
             let Some(chain) = guard.as_mut() else {
@@ -72,16 +108,44 @@ pub(crate) fn start(target: Target, chain: Chain, linger_for: Duration) {
                 }
             }
         });
-        tokio::select! {
-            _ = tokio::time::sleep(linger_for) => {}
-            _ = drive => {}
+        if leased {
+            let renew = async {
+                let mut every = tokio::time::interval(ttl / 3);
+                every.tick().await;
+                loop {
+                    every.tick().await;
+                    match store.try_lease(&target.key, &holder, ttl).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(stream = %target.key, "the linger lease went to another instance; upstream closed");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(stream = %target.key, error = %e, "renewing the linger lease failed");
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(linger_for) => {}
+                _ = drive => {}
+                _ = renew => {}
+                _ = slot.taken.notified() => {}
+            }
         }
+        // Closes the upstream, unless a client took it over.
         lock(&slot.chain).take();
-        let mut current = lock(&target.state.lingering);
-        if current.as_ref().is_some_and(|s| Arc::ptr_eq(s, &slot)) {
-            *current = None;
+        {
+            let mut current = lock(&target.state.lingering);
+            if current.as_ref().is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                *current = None;
+            }
         }
-        drop(current);
         config.lingering.fetch_sub(1, Ordering::AcqRel);
+        if leased {
+            if let Err(e) = store.release_lease(&target.key, &holder).await {
+                tracing::warn!(stream = %target.key, error = %e, "releasing the linger lease failed");
+            }
+        }
     });
 }

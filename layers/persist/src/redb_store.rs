@@ -497,6 +497,8 @@ impl Drop for RedbStore {
     }
 }
 
+// The lease and tail methods keep their defaults: a redb file is opened by one
+// process at a time, so there is no other instance to lease a stream from or to follow.
 impl EventStore for RedbStore {
     fn epoch(&self) -> &str {
         &self.shared.epoch

@@ -11,11 +11,14 @@ use tower_layer::Layer;
 use tower_service::Service;
 use tower_sse::body::{prepare_response, text_response};
 use tower_sse::layer::ensure_connection;
-use tower_sse::store::{EventStore, ReplayPage, ResumeOutcome};
-use tower_sse::{BoxError, Counter, Registry, SseBody, SseRequest, LAST_EVENT_ID};
+use tower_sse::store::{parse_minted, EventStore, ReplayPage, ResumeOutcome};
+use tower_sse::{
+    BoxError, Counter, EventId, Registry, SseBody, SseRequest, StreamKey, LAST_EVENT_ID,
+};
 
 use crate::linger::{self, PersistStream};
 use crate::stage::{Recorder, Replayed, Replayer, Target};
+use crate::tail::TailSource;
 use crate::{Config, EpochSequence, FailMode, MakeEventId, StoreWrites, SSE_RESUME};
 
 /// The status and headers of an upstream SSE response, kept to answer a
@@ -98,6 +101,20 @@ impl PersistLayer {
         self
     }
 
+    /// How long a linger's lease on a stream lasts unless renewed (default 6 s;
+    /// renewed every third of it). An instance that dies while lingering
+    /// holds the stream at most this long.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.config().lease_ttl = ttl.max(Duration::from_millis(30));
+        self
+    }
+
+    /// This layer's ID as a holder of stream leases: random, one per layer
+    /// built with [`PersistLayer::new`] (an "instance").
+    pub fn instance_id(&self) -> &str {
+        &self.config.instance
+    }
+
     /// Events read from the store per replay page (default 256).
     pub fn replay_page_size(mut self, n: usize) -> Self {
         self.config().page_size = n.max(1);
@@ -143,6 +160,41 @@ impl<S> Persist<S> {
     pub fn into_inner(self) -> S {
         self.inner
     }
+}
+
+/// Whether a resume from `cursor` should follow the store rather than open an
+/// upstream: another instance holds the stream's lease (it lingers on the
+/// upstream) and the cursor is in the history. Returns the sequence number the
+/// tail starts after (the replayer's last event raises it) and the first page.
+async fn tail_start(
+    store: &dyn EventStore,
+    key: &StreamKey,
+    cursor: &EventId,
+    config: &Config,
+) -> Option<(u64, ReplayPage)> {
+    let holder = match store.lease_holder(key).await {
+        Ok(Some(holder)) => holder,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::debug!(stream = %key, error = %e, "reading the stream's lease failed; opening the upstream");
+            return None;
+        }
+    };
+    if *holder == *config.instance {
+        return None;
+    }
+    let page = store.replay(key, cursor, config.page_size).await.ok()?;
+    if page.outcome != ResumeOutcome::Recovered {
+        return None;
+    }
+    let after_seq = match parse_minted(cursor.as_str()) {
+        Some((epoch, n)) if epoch == store.epoch() => n,
+        // The replayer's events carry their sequence numbers; with none to
+        // replay the cursor is the newest event stored a moment ago.
+        _ if !page.events.is_empty() => page.events[0].seq.saturating_sub(1),
+        _ => store.last_seq(key).await.ok()?,
+    };
+    Some((after_seq, page))
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -231,7 +283,47 @@ where
                 last_event_id: cursor.clone(),
             };
 
+            // A resume while another instance lingers on the upstream: follow
+            // the store instead of opening a second upstream connection.
+            let mut prefetched = None;
+            let mut tail = None;
+            if let (Some(c), Some(_)) = (&cursor, &seq) {
+                if !state.is_lingering() {
+                    if let Some(t) = tail_start(&*store, &sse.key, c, &config).await {
+                        tail = Some(t.0);
+                        prefetched = Some(t.1);
+                    }
+                }
+            }
+
+            let replayed = Replayed::default();
             let (mut resp, head, reattached) = match linger::take(&state) {
+                _ if tail.is_some() => {
+                    let after_seq = tail.unwrap_or(0);
+                    let source = TailSource::new(
+                        store.clone(),
+                        sse.key.clone(),
+                        after_seq,
+                        replayed.clone(),
+                        config.page_size,
+                        config.tail_block,
+                    );
+                    let mut resp = Response::new(SseBody::from_source(source, &registry));
+                    resp.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/event-stream"),
+                    );
+                    resp.headers_mut().insert(
+                        http::header::CACHE_CONTROL,
+                        HeaderValue::from_static("no-cache"),
+                    );
+                    let head = Arc::new(Head {
+                        status: resp.status(),
+                        headers: resp.headers().clone(),
+                    });
+                    tracing::debug!(stream = %sse.key, after_seq, "another instance holds the upstream; following the store");
+                    (resp, head, true)
+                }
                 Some((chain, head)) => {
                     let mut resp = Response::new(SseBody::from_chain(chain));
                     *resp.status_mut() = head.status;
@@ -271,13 +363,16 @@ where
                 config: config.clone(),
                 head,
             };
-            let replayed = Replayed::default();
             if let (Some(seq), false) = (seq, reattached) {
                 resp.body_mut()
                     .push_stage(Recorder::new(target.clone(), seq, replayed.clone()));
             }
             if let Some(cursor) = &cursor {
-                let page = match store.replay(&sse.key, cursor, config.page_size).await {
+                let page = match prefetched.take() {
+                    Some(page) => Ok(page),
+                    None => store.replay(&sse.key, cursor, config.page_size).await,
+                };
+                let page = match page {
                     Ok(page) => page,
                     Err(e) => {
                         registry.count(&stream, Counter::StoreErrors, 1);

@@ -50,6 +50,8 @@ pub(crate) struct Replayed(Arc<ReplayedIds>);
 
 #[derive(Default)]
 struct ReplayedIds {
+    /// The sequence number of the last event replayed (0 if none).
+    last_seq: AtomicU64,
     active: AtomicBool,
     ids: Mutex<HashSet<EventId>>,
 }
@@ -62,6 +64,12 @@ impl Replayed {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id);
         self.0.active.store(true, Ordering::Release);
+    }
+
+    /// The sequence number of the last event replayed from history (0 if none):
+    /// where a tail of the store continues.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.0.last_seq.load(Ordering::Acquire)
     }
 
     /// Whether a live event (by its own ID) copies one the client already holds.
@@ -221,7 +229,8 @@ impl Recorder {
                     None => {
                         slot.writing.store(false, Ordering::Release);
                         // A delivery between the take and the store above found the flag set.
-                        if lock(&slot.latest).is_none() || slot.writing.swap(true, Ordering::AcqRel) {
+                        if lock(&slot.latest).is_none() || slot.writing.swap(true, Ordering::AcqRel)
+                        {
                             return;
                         }
                     }
@@ -399,6 +408,10 @@ impl Stage for Replayer {
             if let Some(stored) = self.page.pop_front() {
                 self.last_replayed = Some(stored.id.clone());
                 self.replayed.insert(stored.id.clone());
+                self.replayed
+                    .0
+                    .last_seq
+                    .fetch_max(stored.seq, Ordering::AcqRel);
                 match Event::parse(stored.raw) {
                     Some(event) => {
                         self.registry.count(&self.stream, Counter::Replayed, 1);

@@ -17,6 +17,15 @@
 //! cluster hash slot; keys are bounded because stream keys are (4 KiB resource,
 //! 256-byte session). `p:epoch` holds the store's epoch.
 //!
+//! # Leases and live tail
+//!
+//! `p:{h}:lease` names the instance that lingers on the stream's upstream
+//! ([`EventStore::try_lease`]): taken with `SET NX PX`, renewed and released by
+//! Lua scripts that compare the holder first, so only the holder does either;
+//! it expires with its TTL if the holder dies. [`EventStore::tail`] follows a
+//! stream with `XREAD BLOCK` on connections of its own (a small pool), never on
+//! the shared multiplexed connection, which a blocking read would stall.
+//!
 //! # Writes
 //!
 //! Appends and cursor updates go to one writer task through a bounded queue;
@@ -41,6 +50,8 @@
 //! itself); `delete_expired` has nothing left to do and returns 0.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+mod lease;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -181,6 +192,7 @@ impl RedisStoreBuilder {
             url: self.url.clone(),
             source,
         };
+        let tails = Arc::new(lease::Tails::new(client.clone(), self.timeout));
         let mut conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(connect)?;
@@ -208,7 +220,12 @@ impl RedisStoreBuilder {
             dropped: AtomicU64::new(0),
         });
         tokio::spawn(writer(conn.clone(), shared.clone(), rx, self.max_buffered));
-        Ok(RedisStore { conn, shared, tx })
+        Ok(RedisStore {
+            conn,
+            shared,
+            tx,
+            tails,
+        })
     }
 }
 
@@ -288,6 +305,7 @@ pub struct RedisStore {
     conn: ConnectionManager,
     shared: Arc<Shared>,
     tx: mpsc::Sender<Pending>,
+    tails: Arc<lease::Tails>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -670,5 +688,57 @@ impl EventStore for RedisStore {
                 .map_err(|e| StoreError::Backend(e.to_string()))?;
             self.submit(Write::Cursor { key, cursor: None }).await
         })
+    }
+
+    fn try_lease<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(lease::try_lease(
+            &self.conn,
+            self.shared.timeout,
+            self.shared.key(key, "lease"),
+            holder,
+            ttl,
+        ))
+    }
+
+    fn release_lease<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        holder: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(lease::release_lease(
+            &self.conn,
+            self.shared.timeout,
+            self.shared.key(key, "lease"),
+            holder,
+        ))
+    }
+
+    fn lease_holder<'a>(
+        &'a self,
+        key: &'a StreamKey,
+    ) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
+        Box::pin(lease::lease_holder(
+            &self.conn,
+            self.shared.timeout,
+            self.shared.key(key, "lease"),
+        ))
+    }
+
+    fn tail<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        after_seq: u64,
+        limit: usize,
+        block: Duration,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
+        Box::pin(
+            self.tails
+                .tail(self.shared.key(key, "log"), after_seq, limit, block),
+        )
     }
 }
