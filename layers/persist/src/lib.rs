@@ -28,6 +28,16 @@
 //!   time is re-attached to the same upstream response and loses nothing, even
 //!   from an upstream without resume support. Bounded by retention and by a cap
 //!   on lingering streams.
+//! - **Multiple instances.** Instances sharing a store (Redis) linger on a
+//!   stream one at a time: a linger holds the stream's lease
+//!   ([`EventStore::try_lease`](tower_sse::store::EventStore::try_lease), renewed every third of
+//!   [`PersistLayer::lease_ttl`]) and an instance that finds the lease held
+//!   elsewhere closes its upstream instead of lingering. A resume that arrives
+//!   at an instance while *another* instance holds the lease opens no upstream:
+//!   it replays the history and then follows the stream's new events from the
+//!   store ([`EventStore::tail`](tower_sse::store::EventStore::tail)). When that lease goes (the other instance
+//!   stopped lingering), the tail simply goes on following whatever is
+//!   appended to the stream, by any instance.
 //! - **Failure isolation.** A store error is counted (`store_errors`) and
 //!   logged; the stream goes on ([`FailMode::Open`], default) or ends
 //!   ([`FailMode::Closed`]; a request whose resume cannot be read then gets 503).
@@ -100,6 +110,7 @@ mod linger;
 mod redb_store;
 mod service;
 mod stage;
+mod tail;
 
 #[cfg(feature = "redb")]
 pub use redb_store::{Durability, RedbStore, RedbStoreBuilder, StoreOpenError};
@@ -174,6 +185,17 @@ pub(crate) struct Config {
     resume_sessions: bool,
     page_size: usize,
     max_in_flight: usize,
+    /// This layer's ID as a lease holder: random, one per [`PersistLayer`].
+    instance: Arc<str>,
+    lease_ttl: Duration,
+    tail_block: Duration,
+}
+
+/// A random instance ID.
+fn new_instance_id() -> Arc<str> {
+    let a = tower_sse::store::new_epoch();
+    let b = tower_sse::store::new_epoch();
+    format!("i-{}{}-{}", &a[1..], &b[1..], std::process::id()).into()
 }
 
 impl Default for Config {
@@ -188,6 +210,9 @@ impl Default for Config {
             resume_sessions: true,
             page_size: 256,
             max_in_flight: 1024,
+            instance: new_instance_id(),
+            lease_ttl: Duration::from_secs(6),
+            tail_block: Duration::from_secs(1),
         }
     }
 }
@@ -204,6 +229,9 @@ impl Clone for Config {
             resume_sessions: self.resume_sessions,
             page_size: self.page_size,
             max_in_flight: self.max_in_flight,
+            instance: self.instance.clone(),
+            lease_ttl: self.lease_ttl,
+            tail_block: self.tail_block,
         }
     }
 }
