@@ -30,24 +30,29 @@
 //!
 //! Appends and cursor updates go to one writer task through a bounded queue;
 //! it drains what is queued and sends it as **one pipeline** (one Lua script
-//! per stream batch, appending and trimming atomically; cursor writes
-//! coalesced per stream). Appends are idempotent (a sequence number at or
-//! below the stream's last is skipped), so a batch is simply retried.
+//! call, `EVALSHA`, per stream batch, appending and trimming atomically;
+//! cursor writes coalesced per stream). Appends are idempotent (a sequence
+//! number at or below the stream's last is skipped), so a batch is simply
+//! retried.
 //!
 //! # Outage
 //!
 //! While Redis is unreachable, writers get [`StoreError::Unavailable`] at once
-//! (so a fail-open persist layer keeps streaming), and the writes stay buffered
-//! — up to [`RedisStoreBuilder::max_buffered`] events, past which the oldest
-//! are dropped and counted ([`RedisStore::dropped_events`]) — and are written
-//! when Redis is back. The connection manager reconnects by itself. `ping`
-//! fails meanwhile, so readiness reflects the outage.
+//! — also while the writer waits between retries — so a fail-open persist
+//! layer keeps streaming at full pace, and the writes stay buffered — up to
+//! [`RedisStoreBuilder::max_buffered`] events (a cursor write counts as one),
+//! past which the oldest are dropped and counted ([`RedisStore::dropped_events`])
+//! — and are written, in order, when Redis is back. While Redis answers, no
+//! write is dropped: past the bound, writers wait (backpressure). The
+//! connection manager reconnects by itself. `ping` fails meanwhile, so
+//! readiness reflects the outage.
 //!
 //! # Retention
 //!
 //! Count and bytes per stream are enforced on every append. Age: every key of a
-//! stream expires `max_age` after its last write (Redis deletes idle streams
-//! itself); `delete_expired` has nothing left to do and returns 0.
+//! stream expires between `max_age × 63/64` and `max_age` after its last
+//! write (the TTL is refreshed once it has run down by 1/64; Redis deletes
+//! idle streams itself); `delete_expired` has nothing left to do and returns 0.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -57,7 +62,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
@@ -69,22 +74,33 @@ use tower_sse::store::{
 };
 use tower_sse::{EventId, StreamKey};
 
+/// Appends a batch of one stream and enforces retention, atomically. Keys:
+/// log, idx, meta (one hash slot). ARGV: max events, max bytes, TTL in ms
+/// (0: none), then `seq, id, raw, stored_at_ms` per event. Events at or below
+/// the stream's last sequence are skipped (a retried batch adds nothing).
+/// The TTL of the three keys is refreshed when the log's has run down by more
+/// than 1/64, not on every call: fewer commands per append.
 const APPEND: &str = r#"
-local log, idx, meta, epoch_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local log, idx, meta = KEYS[1], KEYS[2], KEYS[3]
 local max_events, max_bytes, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('SET', epoch_key, ARGV[4], 'NX')
-local last = tonumber(redis.call('HGET', meta, 'last_seq') or '0')
-local bytes = tonumber(redis.call('HGET', meta, 'bytes') or '0')
-for i = 5, #ARGV, 4 do
+local m = redis.call('HMGET', meta, 'last_seq', 'bytes')
+local last = tonumber(m[1] or '0')
+local n = redis.call('XLEN', log)
+-- The log may have expired or been evicted without its meta.
+local bytes = n > 0 and tonumber(m[2] or '0') or 0
+local added = 0
+for i = 4, #ARGV, 4 do
   local seq = tonumber(ARGV[i])
   if seq > last then
     redis.call('XADD', log, seq .. '-0', 'id', ARGV[i + 1], 'raw', ARGV[i + 2], 't', ARGV[i + 3])
     redis.call('HSET', idx, ARGV[i + 1], seq)
     bytes = bytes + #ARGV[i + 2]
     last = seq
+    added = added + 1
   end
 end
-local n = redis.call('XLEN', log)
+if added == 0 then return last end
+n = n + added
 while n > 1 and (n > max_events or bytes > max_bytes) do
   local oldest = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)[1]
   local f = oldest[2]
@@ -100,9 +116,12 @@ while n > 1 and (n > max_events or bytes > max_bytes) do
 end
 redis.call('HSET', meta, 'last_seq', last, 'bytes', bytes)
 if ttl > 0 then
-  redis.call('PEXPIRE', log, ttl)
-  redis.call('PEXPIRE', idx, ttl)
-  redis.call('PEXPIRE', meta, ttl)
+  local left = redis.call('PTTL', log)
+  if left < 0 or left < ttl - math.floor(ttl / 64) then
+    redis.call('PEXPIRE', log, ttl)
+    redis.call('PEXPIRE', idx, ttl)
+    redis.call('PEXPIRE', meta, ttl)
+  end
 end
 return last
 "#;
@@ -218,6 +237,8 @@ impl RedisStoreBuilder {
             retention: self.retention,
             timeout: self.timeout,
             dropped: AtomicU64::new(0),
+            pipelines: AtomicU64::new(0),
+            append_sha: redis::Script::new(APPEND).get_hash().to_owned(),
         });
         tokio::spawn(writer(conn.clone(), shared.clone(), rx, self.max_buffered));
         Ok(RedisStore {
@@ -236,6 +257,10 @@ struct Shared {
     retention: Retention,
     timeout: Duration,
     dropped: AtomicU64,
+    /// Pipelines written.
+    pipelines: AtomicU64,
+    /// The SHA1 of the append script, for EVALSHA.
+    append_sha: String,
 }
 
 impl Shared {
@@ -323,9 +348,17 @@ impl RedisStore {
         RedisStoreBuilder::new(url)
     }
 
-    /// Events dropped because Redis stayed unreachable past the buffer.
+    /// Events dropped because Redis stayed unreachable past the buffer: they
+    /// are missing from the history. (Dropped cursor writes are not counted: a
+    /// later one for the same stream supersedes them.)
     pub fn dropped_events(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Pipelines written so far: with [`EventStore::append`] calls counted by
+    /// the caller, how well writes are batched.
+    pub fn pipelines(&self) -> u64 {
+        self.shared.pipelines.load(Ordering::Relaxed)
     }
 
     /// The Redis key of a stream's part (`log`, `idx`, `meta`), for inspection.
@@ -424,51 +457,158 @@ fn entries(v: &Value) -> Vec<StoredEvent> {
         .collect()
 }
 
-/// Drains the queue into pipelines; keeps failed writes (bounded) and retries them in order.
+/// The writes waiting for Redis (the batch being written is held apart).
+struct Buffer {
+    pending: VecDeque<Pending>,
+    /// Events waiting in `pending`.
+    waiting: usize,
+    max: usize,
+    /// Events dropped and not yet logged, and when the last drop was logged.
+    unlogged: u64,
+    logged_at: Option<Instant>,
+}
+
+impl Buffer {
+    fn push(&mut self, p: Pending) {
+        self.waiting += p.write.events();
+        self.pending.push_back(p);
+    }
+
+    fn push_front(&mut self, p: Pending) {
+        self.waiting += p.write.events();
+        self.pending.push_front(p);
+    }
+
+    /// Takes the next batch out of `pending`.
+    fn batch(&mut self) -> Vec<Pending> {
+        let batch: Vec<Pending> = self.pending.drain(..self.pending.len().min(1024)).collect();
+        let n = batch.iter().map(|p| p.write.events()).sum::<usize>();
+        self.waiting -= n;
+        batch
+    }
+
+    /// Drops the oldest writes past the bound (the last one is always kept),
+    /// counting the events they held, and answers their writers if they wait.
+    fn enforce(&mut self, shared: &Shared) {
+        while self.waiting > self.max && self.pending.len() > 1 {
+            let Some(old) = self.pending.pop_front() else {
+                break;
+            };
+            self.waiting -= old.write.events();
+            if let Write::Append { events, .. } = &old.write {
+                shared
+                    .dropped
+                    .fetch_add(events.len() as u64, Ordering::Relaxed);
+                self.unlogged += events.len() as u64;
+            }
+            if let Some(ack) = old.ack {
+                let _ = ack.send(Err(StoreError::Unavailable(
+                    "Redis write dropped: buffer full".into(),
+                )));
+            }
+        }
+        if self.unlogged > 0 && self.logged_at.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            self.log_dropped();
+        }
+    }
+
+    fn log_dropped(&mut self) {
+        tracing::warn!(
+            dropped = self.unlogged,
+            max_buffered = self.max,
+            "Redis unreachable and the write buffer full: dropped the oldest events"
+        );
+        self.unlogged = 0;
+        self.logged_at = Some(Instant::now());
+    }
+
+    /// Whether a write arriving during an attempt can wait in the buffer: the
+    /// waiting writes are bounded by `max` then, the oldest ones being in flight.
+    fn has_room(&self) -> bool {
+        self.waiting < self.max
+    }
+
+    /// Takes a write that arrives while Redis is failing: its writer hears so
+    /// at once (a fail-open stream goes on), and the write stays buffered.
+    fn admit_failing(&mut self, mut p: Pending, error: &StoreError) {
+        if let Some(ack) = p.ack.take() {
+            let _ = ack.send(Err(error.clone()));
+        }
+        self.push(p);
+    }
+}
+
+/// How often drops are logged while they go on.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Drains the queue into pipelines; keeps failed writes (bounded) and retries
+/// them in order. While Redis fails, writes that arrive are answered at once.
+///
+/// Bound: after a failed attempt, at most `max_buffered` events are kept
+/// (the oldest dropped); while an attempt is under way, up to `max_buffered`
+/// more may wait behind it (past that, writers wait in the queue).
 async fn writer(
     conn: ConnectionManager,
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<Pending>,
     max_buffered: usize,
 ) {
-    let mut pending: VecDeque<Pending> = VecDeque::new();
-    let mut buffered = 0usize;
+    let mut buf = Buffer {
+        pending: VecDeque::new(),
+        waiting: 0,
+        max: max_buffered,
+        unlogged: 0,
+        logged_at: None,
+    };
     let mut backoff = Duration::from_millis(50);
+    // The last attempt's error, while Redis fails.
+    let mut failing: Option<StoreError> = None;
+    // Whether the append script is known to be loaded (since the last failure).
+    let mut script_loaded = false;
+    let mut open = true;
     loop {
-        if pending.is_empty() {
+        if buf.pending.is_empty() {
             match rx.recv().await {
-                Some(p) => {
-                    buffered += p.write.events();
-                    pending.push_back(p);
-                }
+                Some(p) => buf.push(p),
                 None => return,
             }
         }
-        while let Ok(p) = rx.try_recv() {
-            buffered += p.write.events();
-            pending.push_back(p);
-        }
-        while buffered > max_buffered && pending.len() > 1 {
-            if let Some(old) = pending.pop_front() {
-                let n = old.write.events();
-                buffered -= n;
-                shared.dropped.fetch_add(n as u64, Ordering::Relaxed);
-                if let Some(ack) = old.ack {
-                    let _ = ack.send(Err(StoreError::Unavailable(
-                        "Redis write dropped: buffer full".into(),
-                    )));
-                }
+        // Take what waits in the queue, up to the bound (Redis answering:
+        // nothing is dropped; past the bound, writers wait in the queue).
+        while buf.has_room() {
+            match rx.try_recv() {
+                Ok(p) => buf.push(p),
+                Err(_) => break,
             }
         }
-        let batch: Vec<Pending> = pending.drain(..pending.len().min(1024)).collect();
-        let pipe = pipeline_of(&shared, &batch);
+        let batch = buf.batch();
+        let pipe = pipeline_of(&shared, &batch, !script_loaded);
         let mut c = conn.clone();
-        let result = tokio::time::timeout(shared.timeout, pipe.query_async::<Value>(&mut c)).await;
+        let attempt = tokio::time::timeout(shared.timeout, pipe.query_async::<Value>(&mut c));
+        tokio::pin!(attempt);
+        let result = loop {
+            tokio::select! {
+                result = &mut attempt => break result,
+                p = rx.recv(), if open && buf.has_room() && failing.is_some() => {
+                    match (p, failing.as_ref()) {
+                        (Some(p), Some(error)) => buf.admit_failing(p, error),
+                        (Some(p), None) => buf.push(p),
+                        (None, _) => open = false,
+                    }
+                }
+            }
+        };
         match result {
             Ok(Ok(_)) => {
+                shared.pipelines.fetch_add(1, Ordering::Relaxed);
+                script_loaded |= batch
+                    .iter()
+                    .any(|p| matches!(p.write, Write::Append { .. }));
                 backoff = Duration::from_millis(50);
+                if failing.take().is_some() && buf.unlogged > 0 {
+                    buf.log_dropped();
+                }
                 for p in batch {
-                    buffered -= p.write.events();
                     if let Some(ack) = p.ack {
                         let _ = ack.send(Ok(()));
                     }
@@ -479,22 +619,42 @@ async fn writer(
                     Ok(Err(e)) => unavailable(&e),
                     _ => StoreError::Unavailable("Redis timed out".into()),
                 };
-                tracing::warn!(error = %error, buffered, "Redis write failed; keeping the batch to retry");
+                script_loaded = false;
+                tracing::warn!(error = %error, buffered = buf.waiting, "Redis write failed; keeping the writes to retry");
                 // Answer the waiters now (fail-open streams go on); keep the writes, in order.
                 for mut p in batch.into_iter().rev() {
                     if let Some(ack) = p.ack.take() {
                         let _ = ack.send(Err(error.clone()));
                     }
-                    pending.push_front(p);
+                    buf.push_front(p);
                 }
-                tokio::time::sleep(backoff).await;
+                buf.enforce(&shared);
+                // Until the retry, writes are answered at once and the oldest dropped past the bound.
+                let pause = tokio::time::sleep(backoff);
+                tokio::pin!(pause);
+                loop {
+                    tokio::select! {
+                        () = &mut pause => break,
+                        p = rx.recv(), if open => match p {
+                            Some(p) => {
+                                buf.admit_failing(p, &error);
+                                buf.enforce(&shared);
+                            }
+                            None => open = false,
+                        },
+                    }
+                }
+                failing = Some(error);
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
+        }
+        if !open && buf.pending.is_empty() {
+            return;
         }
     }
 }
 
-fn pipeline_of(shared: &Shared, batch: &[Pending]) -> redis::Pipeline {
+fn pipeline_of(shared: &Shared, batch: &[Pending], load_script: bool) -> redis::Pipeline {
     let mut appends: Vec<(&StreamKey, Vec<&StoredEvent>)> = Vec::new();
     let mut cursors: HashMap<&StreamKey, &Option<EventId>> = HashMap::new();
     for p in batch {
@@ -510,19 +670,30 @@ fn pipeline_of(shared: &Shared, batch: &[Pending]) -> redis::Pipeline {
     }
     let r = &shared.retention;
     let mut pipe = redis::pipe();
+    if !appends.is_empty() {
+        // The script, first and after any failure (a restart, a failover, a
+        // SCRIPT FLUSH answered by NOSCRIPT), so that EVALSHA finds it.
+        if load_script {
+            pipe.cmd("SCRIPT").arg("LOAD").arg(APPEND).ignore();
+        }
+        // The epoch, in case Redis lost its data.
+        pipe.cmd("SET")
+            .arg(&shared.epoch_key)
+            .arg(&shared.epoch)
+            .arg("NX")
+            .ignore();
+    }
     for (key, events) in appends {
         let cmd = pipe
-            .cmd("EVAL")
-            .arg(APPEND)
-            .arg(4)
+            .cmd("EVALSHA")
+            .arg(&shared.append_sha)
+            .arg(3)
             .arg(shared.key(key, "log"))
             .arg(shared.key(key, "idx"))
             .arg(shared.key(key, "meta"))
-            .arg(&shared.epoch_key)
             .arg(r.max_events)
             .arg(r.max_bytes)
-            .arg(r.max_age.as_millis() as u64)
-            .arg(&shared.epoch);
+            .arg(r.max_age.as_millis() as u64);
         for e in events {
             cmd.arg(e.seq)
                 .arg(e.id.as_bytes())
@@ -542,10 +713,13 @@ fn pipeline_of(shared: &Shared, batch: &[Pending]) -> redis::Pipeline {
                 .ignore(),
             None => pipe.cmd("HDEL").arg(&meta).arg("cursor").ignore(),
         };
-        pipe.cmd("PEXPIRE")
-            .arg(&meta)
-            .arg(r.max_age.as_millis() as u64)
-            .ignore();
+        // A zero max age means no expiry, as in the append script (PEXPIRE 0 would delete).
+        if !r.max_age.is_zero() {
+            pipe.cmd("PEXPIRE")
+                .arg(&meta)
+                .arg(r.max_age.as_millis() as u64)
+                .ignore();
+        }
     }
     pipe.cmd("PING");
     pipe
@@ -649,7 +823,7 @@ impl EventStore for RedisStore {
     }
 
     fn delete_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        // Keys expire in Redis itself (PEXPIRE on every write).
+        // Keys expire in Redis itself (their TTL is refreshed by writes).
         Box::pin(async { Ok(0) })
     }
 

@@ -178,3 +178,67 @@ async fn hostile_stream_keys_are_isolated_and_bounded() {
         store.redis_key(&keys[5], "log")
     );
 }
+
+#[tokio::test]
+async fn a_cursor_is_kept_when_max_age_is_zero() {
+    let Some(url) = redis_url() else { return };
+    // A zero max age means no expiry (as in the append script), not "expire now".
+    let store = RedisStore::builder(&url)
+        .prefix(unique_prefix("no-age"))
+        .retention(Retention {
+            max_age: std::time::Duration::ZERO,
+            ..Retention::default()
+        })
+        .open()
+        .await
+        .unwrap();
+    let key = StreamKey::new("/a").unwrap();
+    store.append(&key, vec![ev(1, "1", "x")]).await.unwrap();
+    store
+        .set_cursor(&key, Some(&EventId::from_u64(1)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.cursor(&key).await.unwrap(),
+        Some(EventId::from_u64(1))
+    );
+    assert_eq!(store.last_seq(&key).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn a_log_lost_without_its_meta_does_not_skew_byte_retention() {
+    let Some(url) = redis_url() else { return };
+    let raw_len = ev(1, "1", "x").raw.len() as u64;
+    let store = RedisStore::builder(&url)
+        .prefix(unique_prefix("lost-log"))
+        .retention(Retention {
+            max_bytes: raw_len * 5,
+            ..Retention::default()
+        })
+        .open()
+        .await
+        .unwrap();
+    let key = StreamKey::new("/a").unwrap();
+    store
+        .append(&key, (1..=5).map(|n| ev(n, &n.to_string(), "x")).collect())
+        .await
+        .unwrap();
+    // The log goes (evicted, or expired before its meta, which cursor writes extend).
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("DEL")
+        .arg(store.redis_key(&key, "log"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    store
+        .append(&key, (6..=8).map(|n| ev(n, &n.to_string(), "x")).collect())
+        .await
+        .unwrap();
+    // Three events fit in five events' bytes: none is trimmed for bytes that are gone.
+    assert_eq!(
+        store.recent_ids(&key, 10).await.unwrap(),
+        (6..=8).map(EventId::from_u64).collect::<Vec<_>>()
+    );
+    assert_eq!(store.last_seq(&key).await.unwrap(), 8);
+}

@@ -1,0 +1,398 @@
+//! Redis store writes, pipelined (many concurrent appenders; the writer task
+//! sends what is queued as one pipeline) against one round trip per event
+//! (one appender awaiting each append, and bare `XADD`s one at a time); and
+//! events/s through the whole stack (PersistLayer + DedupLayer + TrackLayer
+//! over an in-process SSE body of 20,000 events with IDs) with Redis, redb
+//! and the memory store, against the same body with no layers.
+//!
+//! `REDIS_URL=redis://127.0.0.1:6379 cargo bench -p tower-sse-redis --bench redis`
+//!
+//! Without `REDIS_URL` the Redis rows print `SKIPPED` and the others run. The
+//! run ends with a summary from the same samples: events/s of each row and
+//! the ratios (target: pipelined ≥ 10x one round trip per event). Keys go
+//! under a prefix of their own and are deleted at the end.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, Criterion, Throughput};
+use http::{Request, Response};
+use http_body_util::{BodyExt, StreamBody};
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_sse::store::{now_unix_ms, EventStore, MemoryStore, StoredEvent};
+use tower_sse::{EventId, Registry, StreamKey};
+use tower_sse_dedup::DedupLayer;
+use tower_sse_persist::{PersistLayer, RedbStore};
+use tower_sse_redis::RedisStore;
+use tower_sse_track::TrackLayer;
+
+const APPENDERS: usize = 64;
+const EVENTS_PER_APPENDER: u64 = 16;
+const EVENT_BYTES: usize = 200;
+const STACK_EVENTS: usize = 20_000;
+const CHUNK: usize = 16 * 1024;
+
+/// Appends and pipelines of the pipelined row.
+static PIPELINED_APPENDS: AtomicU64 = AtomicU64::new(0);
+static PIPELINES: AtomicU64 = AtomicU64::new(0);
+
+/// (events, time) measured per row, for the summary.
+static TOTALS: Mutex<Vec<(&'static str, u64, Duration)>> = Mutex::new(Vec::new());
+
+fn record(name: &'static str, events: u64, time: Duration) {
+    let mut totals = TOTALS.lock().unwrap();
+    match totals.iter_mut().find(|(n, _, _)| *n == name) {
+        Some(entry) => {
+            entry.1 += events;
+            entry.2 += time;
+        }
+        None => totals.push((name, events, time)),
+    }
+}
+
+fn event(seq: u64) -> StoredEvent {
+    StoredEvent {
+        seq,
+        id: EventId::from_u64(seq),
+        raw: Bytes::from(vec![b'x'; EVENT_BYTES]),
+        stored_at_ms: now_unix_ms(),
+    }
+}
+
+fn redis_url() -> Option<String> {
+    let url = std::env::var("REDIS_URL").ok();
+    if url.is_none() {
+        println!("SKIPPED: REDIS_URL is not set; the Redis rows were not measured");
+    }
+    url
+}
+
+fn prefix() -> String {
+    format!("tower-sse-bench-{}-{}", std::process::id(), now_unix_ms())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn appends(c: &mut Criterion) {
+    let Some(url) = redis_url() else { return };
+    let runtime = runtime();
+    let prefix = prefix();
+    let store = Arc::new(
+        runtime
+            .block_on(RedisStore::builder(&url).prefix(&prefix).open())
+            .expect("open the Redis store"),
+    );
+    let mut group = c.benchmark_group("redis_append");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(5));
+
+    // 64 tasks, each appending to its own stream one event at a time and
+    // awaiting it (as the persist layer does): the writer pipelines them.
+    let next = Arc::new(AtomicU64::new(1));
+    let per_iter = APPENDERS as u64 * EVENTS_PER_APPENDER;
+    group.throughput(Throughput::Elements(per_iter));
+    group.bench_function("pipelined_64_appenders", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let pipelines_before = store.pipelines();
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let base = next.fetch_add(EVENTS_PER_APPENDER, Ordering::Relaxed);
+                    let mut tasks = tokio::task::JoinSet::new();
+                    for t in 0..APPENDERS {
+                        let store = store.clone();
+                        tasks.spawn(async move {
+                            let key = StreamKey::new(&format!("/bench/{t}")).unwrap();
+                            for seq in base..base + EVENTS_PER_APPENDER {
+                                store.append(&key, vec![event(seq)]).await.unwrap();
+                            }
+                        });
+                    }
+                    while let Some(done) = tasks.join_next().await {
+                        done.unwrap();
+                    }
+                }
+                let time = start.elapsed();
+                PIPELINED_APPENDS.fetch_add(iters * per_iter, Ordering::Relaxed);
+                PIPELINES.fetch_add(store.pipelines() - pipelines_before, Ordering::Relaxed);
+                record("pipelined, 64 appenders", iters * per_iter, time);
+                time
+            })
+        })
+    });
+
+    // One appender awaiting each append: one round trip per event.
+    let key = StreamKey::new("/bench/single").unwrap();
+    let mut seq = 0;
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("round_trip_per_event_store", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    seq += 1;
+                    store.append(&key, vec![event(seq)]).await.unwrap();
+                }
+                let time = start.elapsed();
+                record("one round trip per event (store)", iters, time);
+                time
+            })
+        })
+    });
+
+    // Bare XADDs, one at a time: the floor of writing events one by one.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = runtime
+        .block_on(client.get_multiplexed_async_connection())
+        .unwrap();
+    let raw_key = format!("{prefix}:raw-xadd");
+    let payload = vec![b'x'; EVENT_BYTES];
+    group.bench_function("round_trip_per_event_raw_xadd", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let _: redis::Value = redis::cmd("XADD")
+                        .arg(&raw_key)
+                        .arg("*")
+                        .arg("raw")
+                        .arg(payload.as_slice())
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                }
+                let time = start.elapsed();
+                record("one round trip per event (raw XADD)", iters, time);
+                time
+            })
+        })
+    });
+    group.finish();
+    println!(
+        "pipelined appends: {:.1} appends per pipeline on average",
+        PIPELINED_APPENDS.load(Ordering::Relaxed) as f64
+            / PIPELINES.load(Ordering::Relaxed).max(1) as f64
+    );
+    runtime.block_on(delete_prefix(&mut conn, &prefix));
+}
+
+/// The wire bytes of the stack's upstream: 20,000 events with IDs, in 16 KiB chunks.
+fn corpus() -> (Arc<Vec<Bytes>>, usize) {
+    let mut wire = Vec::new();
+    for n in 1..=STACK_EVENTS {
+        wire.extend_from_slice(
+            format!("id: {n}\nevent: tick\ndata: {{\"n\":{n},\"v\":\"abcdefghij\"}}\n\n")
+                .as_bytes(),
+        );
+    }
+    let wire = Bytes::from(wire);
+    let chunks = (0..wire.len())
+        .step_by(CHUNK)
+        .map(|i| wire.slice(i..(i + CHUNK).min(wire.len())))
+        .collect();
+    (Arc::new(chunks), wire.len())
+}
+
+type Chunks =
+    futures_util::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>;
+type Upstream = Response<StreamBody<Chunks>>;
+
+fn upstream(
+    chunks: Arc<Vec<Bytes>>,
+) -> impl Service<
+    Request<()>,
+    Response = Upstream,
+    Error = Infallible,
+    Future = std::future::Ready<Result<Upstream, Infallible>>,
+> + Clone {
+    tower::service_fn(move |_req: Request<()>| {
+        let frames: Vec<_> = chunks
+            .iter()
+            .cloned()
+            .map(|c| Ok(http_body::Frame::data(c)))
+            .collect();
+        std::future::ready(Ok(Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(StreamBody::new(futures_util::stream::iter(frames)))
+            .unwrap()))
+    })
+}
+
+/// Drains a response body, returning its length.
+async fn drain<B>(body: B) -> usize
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let mut body = std::pin::pin!(body);
+    let mut n = 0;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            n += data.len();
+        }
+    }
+    n
+}
+
+fn stack(c: &mut Criterion) {
+    let runtime = runtime();
+    let (chunks, wire_len) = corpus();
+    let mut group = c.benchmark_group("stack_20k_events");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(5));
+    group.throughput(Throughput::Elements(STACK_EVENTS as u64));
+
+    group.bench_function("no_layers", |b| {
+        let svc = upstream(chunks.clone());
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let resp = svc.clone().oneshot(Request::new(())).await.unwrap();
+                    assert_eq!(drain(resp.into_body()).await, wire_len);
+                }
+                let time = start.elapsed();
+                record("stack: no layers", iters * STACK_EVENTS as u64, time);
+                time
+            })
+        })
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let redb: Arc<dyn EventStore> =
+        Arc::new(RedbStore::open(dir.path().join("stack.redb")).unwrap());
+    let memory: Arc<dyn EventStore> = Arc::new(MemoryStore::default());
+    let redis_prefix = prefix();
+    let redis: Option<Arc<dyn EventStore>> = redis_url().map(|url| {
+        let store = runtime
+            .block_on(RedisStore::builder(&url).prefix(&redis_prefix).open())
+            .expect("open the Redis store");
+        Arc::new(store) as Arc<dyn EventStore>
+    });
+    type Row = (&'static str, &'static str, Option<Arc<dyn EventStore>>);
+    let rows: [Row; 3] = [
+        ("memory", "stack: persist+dedup+track, memory", Some(memory)),
+        ("redb", "stack: persist+dedup+track, redb", Some(redb)),
+        ("redis", "stack: persist+dedup+track, Redis", redis),
+    ];
+    for (name, label, store) in rows {
+        let Some(store) = store else { continue };
+        let registry = Registry::default();
+        let svc = ServiceBuilder::new()
+            .layer(PersistLayer::new(registry.clone(), store))
+            .layer(DedupLayer::new(registry.clone()))
+            .layer(TrackLayer::new(registry))
+            .service(upstream(chunks.clone()));
+        let stream = AtomicU64::new(0);
+        group.bench_function(format!("persist_dedup_track_{name}"), |b| {
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        // A new stream each time: the same IDs again would be duplicates.
+                        let n = stream.fetch_add(1, Ordering::Relaxed);
+                        let req = Request::get(format!("/bench/{n}")).body(()).unwrap();
+                        let resp = svc.clone().oneshot(req).await.unwrap();
+                        assert_eq!(drain(resp.into_body()).await, wire_len);
+                    }
+                    let time = start.elapsed();
+                    record(label, iters * STACK_EVENTS as u64, time);
+                    time
+                })
+            })
+        });
+    }
+    group.finish();
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        runtime.block_on(async {
+            let client = redis::Client::open(url.as_str()).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            delete_prefix(&mut conn, &redis_prefix).await;
+        });
+    }
+}
+
+/// Deletes every key under `prefix`.
+async fn delete_prefix(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) {
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: redis::Value = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(conn)
+                .await
+                .unwrap();
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
+}
+
+fn summary() {
+    let totals = TOTALS.lock().unwrap();
+    let rate = |name: &str| {
+        totals
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|(_, events, time)| *events as f64 / time.as_secs_f64())
+    };
+    println!("\nRedis store and stack (all samples, warm-up included):");
+    for (name, events, time) in totals.iter() {
+        println!(
+            "  {name:<44} {:>11.0} events/s  ({events} events in {:.2?})",
+            *events as f64 / time.as_secs_f64(),
+            time
+        );
+    }
+    if let (Some(pipelined), Some(store), Some(raw)) = (
+        rate("pipelined, 64 appenders"),
+        rate("one round trip per event (store)"),
+        rate("one round trip per event (raw XADD)"),
+    ) {
+        println!(
+            "  pipelined / one round trip per event: {:.1}x (store), {:.1}x (raw XADD); target >= 10x",
+            pipelined / store,
+            pipelined / raw
+        );
+    }
+    // The bare body is chunks handed over unparsed: its cost is nil, so the
+    // stack's rows are given as time per event rather than as a ratio to it.
+    for (name, _, _) in totals
+        .iter()
+        .filter(|(n, _, _)| n.starts_with("stack: persist"))
+    {
+        if let Some(r) = rate(name) {
+            println!("  {name:<44} {:>8.2} µs per event", 1e6 / r);
+        }
+    }
+}
+
+criterion_group!(benches, appends, stack);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    summary();
+}
