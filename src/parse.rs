@@ -92,6 +92,8 @@ struct Block {
     first_data: Option<Range<u32>>,
     data_lines: u32,
     id: Option<Range<u32>>,
+    /// Whether the `id` value is valid UTF-8, found when the line was read.
+    id_utf8: bool,
     retry: Option<u64>,
 }
 
@@ -276,7 +278,7 @@ impl Parser {
     fn next_frame_inner(&mut self) -> Result<Option<Frame>, ParseError> {
         loop {
             let rest = &self.chunk[self.pos..];
-            let Some(i) = memchr::memchr2(b'\n', b'\r', rest) else {
+            let Some(i) = find_eol(rest) else {
                 self.stash_tail()?;
                 return Ok(None);
             };
@@ -398,7 +400,7 @@ impl Parser {
             let value = &raw[r.start as usize..r.end as usize];
             self.last_id = if value.is_empty() {
                 None
-            } else if std::str::from_utf8(value).is_ok() {
+            } else if block.id_utf8 {
                 Some(EventId::from_validated(
                     raw.slice(r.start as usize..r.end as usize),
                 ))
@@ -431,6 +433,46 @@ impl Parser {
     }
 }
 
+/// A field name the parser acts on.
+#[derive(Clone, Copy)]
+enum Field {
+    Data,
+    Event,
+    Id,
+    Retry,
+    Other,
+}
+
+/// Splits a line into its field and value, stripping one leading space from the value.
+#[inline(always)]
+fn classify(line: &[u8]) -> (Field, &[u8]) {
+    // The common fields are told by their prefix, without looking for the colon.
+    let (field, value) = if let Some(v) = line.strip_prefix(b"data:") {
+        (Field::Data, v)
+    } else if let Some(v) = line.strip_prefix(b"id:") {
+        (Field::Id, v)
+    } else if let Some(v) = line.strip_prefix(b"event:") {
+        (Field::Event, v)
+    } else {
+        let (name, value) = match memchr::memchr(b':', line) {
+            Some(c) => (&line[..c], &line[c + 1..]),
+            None => (line, &line[line.len()..]),
+        };
+        let field = match name {
+            b"data" => Field::Data,
+            b"event" => Field::Event,
+            b"id" => Field::Id,
+            b"retry" => Field::Retry,
+            _ => Field::Other,
+        };
+        (field, value)
+    };
+    match value.first() {
+        Some(b' ') => (field, &value[1..]),
+        _ => (field, value),
+    }
+}
+
 /// Splits a line into field name and value, stripping one leading space from the value.
 pub(crate) fn split_field(line: &[u8]) -> (&[u8], &[u8]) {
     let (name, value) = if line.len() >= 5 && &line[..5] == b"data:" {
@@ -448,6 +490,7 @@ pub(crate) fn split_field(line: &[u8]) -> (&[u8], &[u8]) {
 }
 
 /// Interprets one line of a block; returns whether it dispatches (a blank line).
+#[inline(always)]
 fn process_line(block: &mut Block, line: &[u8], offset: usize) -> Result<bool, ParseError> {
     if line.is_empty() {
         return Ok(true);
@@ -455,29 +498,36 @@ fn process_line(block: &mut Block, line: &[u8], offset: usize) -> Result<bool, P
     if line[0] == b':' {
         return Ok(false);
     }
-    let (name, value) = split_field(line);
+    let (field, value) = classify(line);
     let vstart = offset + (value.as_ptr() as usize - line.as_ptr() as usize);
     let range = vstart as u32..(vstart + value.len()) as u32;
-    match name {
-        b"data" => {
+    match field {
+        Field::Data => {
             if block.data_lines == 0 {
                 block.first_data = Some(range);
             }
             block.data_lines += 1;
         }
-        b"event" => block.event_type = Some(range),
-        b"id" if memchr::memchr(0, value).is_none() => {
+        Field::Event => block.event_type = Some(range),
+        Field::Id => {
+            // Most IDs are short ASCII without NUL: one pass settles both checks.
+            let plain = value.iter().all(|&b| b.wrapping_sub(1) < 0x7F);
+            if !plain && value.contains(&0) {
+                // An ID containing NUL is ignored.
+                return Ok(false);
+            }
             // Invalid UTF-8 decodes to U+FFFD, up to three times longer, and it is
             // the decoded ID that a client sends back in `Last-Event-ID`.
+            let utf8 = plain || std::str::from_utf8(value).is_ok();
             let too_long = value.len() > EventId::MAX_LEN
-                || (std::str::from_utf8(value).is_err()
-                    && String::from_utf8_lossy(value).len() > EventId::MAX_LEN);
+                || (!utf8 && String::from_utf8_lossy(value).len() > EventId::MAX_LEN);
             if too_long {
                 return Err(ParseError::IdTooLong);
             }
             block.id = Some(range);
+            block.id_utf8 = utf8;
         }
-        b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
+        Field::Retry if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
             // A value past u64::MAX is ignored rather than wrapped.
             if let Some(ms) = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()) {
                 block.retry = Some(ms);
@@ -488,9 +538,52 @@ fn process_line(block: &mut Block, line: &[u8], offset: usize) -> Result<bool, P
     Ok(false)
 }
 
+/// The index of the first CR or LF in `hay`.
+///
+/// SSE lines are mostly short, and a `memchr2` call costs more than scanning a
+/// short line: the first 64 bytes are scanned inline, eight at a time in a
+/// `u64`, and only a longer line calls `memchr2`.
+#[inline(always)]
+fn find_eol(hay: &[u8]) -> Option<usize> {
+    const INLINE: usize = 64;
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let mut at = 0;
+    while let Some(word) = hay[at..].first_chunk::<8>() {
+        let word = u64::from_le_bytes(*word);
+        // Cheap filter: zero unless some byte is below 14, as LF (10) and CR (13) are.
+        let below14 = word.wrapping_sub(LO * 14) & !word & HI;
+        if below14 != 0 {
+            let mask = eol_mask(word);
+            if mask != 0 {
+                return Some(at + (mask.trailing_zeros() / 8) as usize);
+            }
+        }
+        at += 8;
+        if at == INLINE {
+            return memchr::memchr2(b'\n', b'\r', &hay[at..]).map(|i| at + i);
+        }
+    }
+    hay[at..]
+        .iter()
+        .position(|&b| b == b'\n' || b == b'\r')
+        .map(|i| at + i)
+}
+
+/// Flags the bytes of `word` (little-endian) that are CR or LF: the lowest flag
+/// marks the first one exactly (higher flags may be false).
+#[inline(always)]
+fn eol_mask(word: u64) -> u64 {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let lf = word ^ (LO * u64::from(b'\n'));
+    let cr = word ^ (LO * u64::from(b'\r'));
+    (lf.wrapping_sub(LO) & !lf | cr.wrapping_sub(LO) & !cr) & HI
+}
+
 /// Calls `f` with each line of a complete block (terminators removed).
 pub(crate) fn for_each_line(mut bytes: &[u8], mut f: impl FnMut(&[u8])) {
-    while let Some(i) = memchr::memchr2(b'\n', b'\r', bytes) {
+    while let Some(i) = find_eol(bytes) {
         f(&bytes[..i]);
         let skip = if bytes[i] == b'\r' && bytes.get(i + 1) == Some(&b'\n') {
             2
