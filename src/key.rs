@@ -227,15 +227,27 @@ impl KeyBy {
                 None => Ok(None),
                 Some(v) => v.to_str().map(Some).map_err(|_| KeyError::BadSession),
             },
-            Source::Cookie(name) => Ok(head
-                .headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .filter_map(|pair| pair.trim().split_once('='))
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.trim_matches('"'))),
+            // Cookie headers are parsed as bytes: another cookie's non-ASCII
+            // value must neither hide the session nor let a bad one pass.
+            Source::Cookie(name) => {
+                let found = head
+                    .headers
+                    .get_all(http::header::COOKIE)
+                    .iter()
+                    .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+                    .filter_map(|pair| {
+                        let eq = pair.iter().position(|b| *b == b'=')?;
+                        Some((pair[..eq].trim_ascii(), &pair[eq + 1..]))
+                    })
+                    .find(|(k, _)| *k == name.as_bytes())
+                    .map(|(_, v)| v.trim_ascii());
+                match found {
+                    None => Ok(None),
+                    Some(v) => std::str::from_utf8(v)
+                        .map(|v| Some(v.trim_matches('"')))
+                        .map_err(|_| KeyError::BadSession),
+                }
+            }
             Source::Query(name) => Ok(head.uri.query().and_then(|q| {
                 q.split('&')
                     .filter_map(|pair| pair.split_once('='))
@@ -326,6 +338,27 @@ mod tests {
             .body(())
             .unwrap();
         let by = KeyBy::header(HeaderName::from_static("mcp-session-id"));
+        assert_eq!(by.make_key(&head_of(&req)), Err(KeyError::BadSession));
+    }
+
+    #[test]
+    fn cookies_are_parsed_as_bytes() {
+        let by = KeyBy::cookie("sid");
+        let req = http::Request::get("/e")
+            .header(
+                "cookie",
+                http::HeaderValue::from_bytes(b"pref=caf\xc3\xa9; sid=s1").unwrap(),
+            )
+            .body(())
+            .unwrap();
+        assert_eq!(by.make_key(&head_of(&req)).unwrap().session(), Some("s1"));
+        let req = http::Request::get("/e")
+            .header(
+                "cookie",
+                http::HeaderValue::from_bytes(b"sid=caf\xc3\xa9").unwrap(),
+            )
+            .body(())
+            .unwrap();
         assert_eq!(by.make_key(&head_of(&req)), Err(KeyError::BadSession));
     }
 
