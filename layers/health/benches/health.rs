@@ -12,7 +12,12 @@
 //!
 //! `HealthLayer::new` turns on the registry's delivery-latency histogram (a
 //! clock read per chunk and per event, in the core); "track + latency" measures
-//! that part alone, so "health" minus it is the stage itself.
+//! that part alone, and "no-op stage + track + latency" adds the core's cost of
+//! one more stage, so "health" minus it is the health stage's own work.
+//!
+//! After criterion, an interleaved table in thread CPU time is printed (see
+//! [`interleaved`]); on a shared machine its ratios are the ones to read.
+//! `HEALTH_BENCH_ROUNDS` and `HEALTH_BENCH_BATCH` size it.
 //!
 //! `cargo bench -p tower-sse-health --bench health`
 
@@ -175,6 +180,24 @@ fn health(
         .layer(TrackLayer::new(registry))
 }
 
+/// A stage that passes everything through: the core's cost of one more stage.
+struct Noop;
+impl tower_sse::Stage for Noop {}
+
+fn noop_stage() -> impl Layer<
+    Inner,
+    Service = impl Service<Request<()>, Error = Infallible, Response = Response<tower_sse::SseBody>>,
+> {
+    let registry = Registry::default();
+    registry.latency().enable();
+    ServiceBuilder::new()
+        .layer(tower_sse::layer::StageLayer::new(
+            registry.clone(),
+            |_: &tower_sse::SseRequest, _: &tower_sse::Connection| Some(Noop),
+        ))
+        .layer(TrackLayer::new(registry))
+}
+
 fn variants() -> Vec<Variant> {
     vec![
         (
@@ -183,6 +206,7 @@ fn variants() -> Vec<Variant> {
         ),
         variant("track", track(false)),
         variant("track + latency", track(true)),
+        variant("no-op stage + track + latency", noop_stage()),
         variant("health + track", health(|l| l)),
         variant(
             "health + track, idle limit on",

@@ -214,7 +214,7 @@
 //!
 //! # Cost
 //!
-//! Per event the stage sets two flags and bumps a counter; clocks are read once
+//! Per event the stage sets a flag and bumps a counter; clocks are read once
 //! per burst and when the timer fires. The timer is armed once per connection
 //! and, when activity moved its deadline, re-armed for the remaining time when
 //! it fires instead of being reset per event. `benches/health.rs` measures it

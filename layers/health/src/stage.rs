@@ -21,7 +21,7 @@ const TOUCH_EVERY: u32 = 256;
 
 /// The per-connection stage of [`HealthLayer`](crate::HealthLayer).
 ///
-/// Per event it only sets two flags and bumps a counter. Clocks are read when
+/// Per event it only sets a flag and bumps a counter. Clocks are read when
 /// the stream below has nothing ready (the moment a burst of events ends) and
 /// when the timer fires; the timer is armed once and, when activity moved its
 /// deadline, re-armed for the remaining time only when it fires.
@@ -40,12 +40,13 @@ struct State {
     last_in: Instant,
     /// The last frame written to the client (keep-alives included), as of the last settle.
     last_out: Instant,
-    /// A frame came from below since the last settle.
-    seen_in: bool,
-    /// A frame went to the client since the last settle.
-    seen_out: bool,
+    /// A frame came from below and went to the client since the last settle.
+    seen: bool,
     since_touch: u32,
     idle_fired: bool,
+    /// Whether per-event trace records are wanted, decided when the connection
+    /// opens: per event this is one branch instead of the subscriber checks.
+    trace_events: bool,
 }
 
 impl HealthStage {
@@ -71,10 +72,10 @@ impl HealthStage {
                 timer: None,
                 last_in: now,
                 last_out: now,
-                seen_in: false,
-                seen_out: false,
+                seen: false,
                 since_touch: 0,
                 idle_fired: false,
+                trace_events: tracing::enabled!(tracing::Level::TRACE),
             },
         }
     }
@@ -86,24 +87,20 @@ impl State {
         cx: &mut Context<'_>,
         below: &mut Below<'_>,
     ) -> Poll<Option<Result<Frame, BoxError>>> {
-        match below.poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                self.seen_in = true;
-                match &frame {
-                    Frame::Event(event) => {
-                        tracing::trace!(id = ?event.id(), bytes = event.raw().len(), "event");
-                    }
-                    Frame::Other(bytes) => {
-                        // Non-event frames are always written; events count once delivered.
-                        self.seen_out = true;
-                        tracing::trace!(bytes = bytes.len(), "comment");
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
+        // One variable in, the same one out: the frame is not copied on its way.
+        let mut polled = below.poll_frame(cx);
+        if polled.is_pending() {
+            polled = self.poll_timers(cx, below);
+        } else {
+            // A frame (or the end) came from below and goes to the client.
+            // An event an interceptor vetoes at delivery still counts: it
+            // delays one keep-alive at most.
+            self.seen = true;
+            if self.trace_events {
+                trace_frame(&polled);
             }
-            Poll::Ready(end) => Poll::Ready(end),
-            Poll::Pending => self.poll_timers(cx, below),
         }
+        polled
     }
 
     /// The earliest moment something is due, if a timer is configured.
@@ -111,20 +108,15 @@ impl State {
         next_deadline(&self.config, self.last_in, self.last_out)
     }
 
-    /// Turns the flags set since the last settle into times, with one clock read.
+    /// Turns the flag set since the last settle into a time, with one clock read.
     fn settle(&mut self) {
-        if !(self.seen_in || self.seen_out) {
+        if !self.seen {
             return;
         }
         let now = Instant::now();
-        if self.seen_in {
-            self.last_in = now;
-        }
-        if self.seen_out {
-            self.last_out = now;
-        }
-        self.seen_in = false;
-        self.seen_out = false;
+        self.last_in = now;
+        self.last_out = now;
+        self.seen = false;
         self.since_touch = 0;
         self.entry.touch(self.registry.now_ms());
     }
@@ -214,6 +206,19 @@ fn next_deadline(config: &Config, last_in: Instant, last_out: Instant) -> Option
     }
 }
 
+#[cold]
+fn trace_frame(polled: &Poll<Option<Result<Frame, BoxError>>>) {
+    match polled {
+        Poll::Ready(Some(Ok(Frame::Event(event)))) => {
+            tracing::trace!(id = ?event.id(), bytes = event.raw().len(), "event");
+        }
+        Poll::Ready(Some(Ok(Frame::Other(bytes)))) => {
+            tracing::trace!(bytes = bytes.len(), "comment")
+        }
+        _ => {}
+    }
+}
+
 fn warn_no_runtime() {
     static WARNED: AtomicBool = AtomicBool::new(false);
     if !WARNED.swap(true, Ordering::Relaxed) {
@@ -234,7 +239,6 @@ impl Stage for HealthStage {
 
     fn on_delivered(&mut self, _event: &Event) {
         let state = &mut self.state;
-        state.seen_out = true;
         state.since_touch += 1;
         if state.since_touch >= TOUCH_EVERY {
             state.since_touch = 0;
