@@ -138,6 +138,10 @@ pub struct Parser {
     pending: BytesMut,
     /// Start of the current incomplete line in `pending`.
     line_start: usize,
+    /// Size of the last event dispatched from `pending`: the capacity a new
+    /// `pending` starts with, so that a run of large events is copied once
+    /// each rather than again at every doubling.
+    pending_hint: usize,
     skip_lf: bool,
     bom_matched: usize,
     bom_done: bool,
@@ -159,6 +163,7 @@ impl Parser {
             block_start: 0,
             pending: BytesMut::new(),
             line_start: 0,
+            pending_hint: 0,
             skip_lf: false,
             bom_matched: 0,
             bom_done: false,
@@ -341,6 +346,7 @@ impl Parser {
                 self.line_start = self.pending.len();
                 if dispatch {
                     let raw = self.pending.split().freeze();
+                    self.pending_hint = raw.len();
                     self.line_start = 0;
                     return Ok(Some(self.dispatch(raw)));
                 }
@@ -360,6 +366,8 @@ impl Parser {
                     return Err(ParseError::EventTooLarge(self.limits.max_event_len));
                 }
                 self.line_start = self.pos - self.block_start;
+                // Bounded by the event limit, as the hint is an event that fit.
+                self.pending.reserve(tail.len().max(self.pending_hint));
                 self.pending.extend_from_slice(tail);
             }
         } else {
