@@ -34,18 +34,29 @@
 //!
 //! # Example
 //!
-//! ```no_run
+//! ```
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use hyper_util::client::legacy::Client;
+//! use hyper_util::rt::TokioExecutor;
 //! use tower::ServiceBuilder;
 //! use tower_sse::Registry;
-//! use tower_sse_reconnect::{ReconnectLayer, ReconnectPolicy};
-//! # fn client() -> tower::util::BoxCloneService<http::Request<http_body_util::Full<bytes::Bytes>>, http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> { unimplemented!() }
+//! use tower_sse_reconnect::ReconnectLayer;
 //!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
 //! let registry = Registry::default();
 //! let svc = ServiceBuilder::new()
 //!     .layer(ReconnectLayer::new(registry))
-//!     .service(client()); // e.g. a hyper_util legacy Client
+//!     .service(client);
 //! # let _ = svc;
+//! # }
 //! ```
+//!
+//! Hooks `on_upstream_error` and `on_reconnect` need a connection, which another
+//! tower-sse layer stacked around this one attaches (`TrackLayer`, say); alone,
+//! the layer only counts reconnects globally.
 //!
 //! # Customisation
 //!
