@@ -237,49 +237,12 @@ async fn log_writer(mut rx: mpsc::Receiver<String>, path: Option<String>) {
     }
 }
 
-/// Headers that belong to one hop, not to the exchange (RFC 9110 7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(named.iter()) {
-        headers.remove(name);
-    }
-}
-
 /// Rewrites a client request into the upstream request; `Last-Event-ID` is the
 /// gateway's and never goes upstream.
 fn to_upstream(base: &Uri, req: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
-    let (mut parts, body) = req.into_parts();
-    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let base_path = base.path().trim_end_matches('/');
-    let uri = Uri::builder()
-        .scheme(base.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP))
-        .authority(base.authority().map_or("127.0.0.1", |a| a.as_str()))
-        .path_and_query(format!("{base_path}{path}"))
-        .build()
-        .unwrap_or_else(|_| base.clone());
-    parts.uri = uri;
-    parts.version = http::Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(header::HOST);
-    parts.headers.remove(&LAST_EVENT_ID);
-    Request::from_parts(parts, body)
+    let mut req = common::to_upstream(base, req);
+    req.headers_mut().remove(&LAST_EVENT_ID);
+    req
 }
 
 /// Upstream bodies, with a concrete error type (a boxed `dyn Error` here trips
@@ -382,7 +345,7 @@ impl Edge {
         }
         let resp = self.client.request(to_upstream(&self.base, req)).await?;
         let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        common::strip_hop_by_hop(&mut parts.headers);
         let body = match token {
             Some(token) if is_event_stream(&parts.headers) => {
                 stamp_body(body, token, self.ids.clone())

@@ -12,6 +12,8 @@
 //! persist (history, resume, stamping, linger), dedup, track (cursor, limits),
 //! reconnect (upstream backoff and resume), hyper client.
 
+mod common;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -100,49 +102,6 @@ async fn open_store(spec: &str) -> Result<Arc<dyn EventStore>, Box<dyn std::erro
     Err(format!("unknown --store {spec:?}: expected memory, redb:PATH or redis://HOST:PORT").into())
 }
 
-/// Headers that belong to one hop, not to the exchange (RFC 9110 7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(named.iter()) {
-        headers.remove(name);
-    }
-}
-
-/// Rewrites a client request into the upstream request.
-fn to_upstream(base: &Uri, req: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
-    let (mut parts, body) = req.into_parts();
-    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let base_path = base.path().trim_end_matches('/');
-    let uri = Uri::builder()
-        .scheme(base.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP))
-        .authority(base.authority().map_or("127.0.0.1", |a| a.as_str()))
-        .path_and_query(format!("{base_path}{path}"))
-        .build()
-        .unwrap_or_else(|_| base.clone());
-    parts.uri = uri;
-    parts.version = http::Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(header::HOST);
-    Request::from_parts(parts, body)
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber_init();
@@ -171,7 +130,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_http::<Full<Bytes>>();
     let base = upstream.clone();
     let upstream_client = ServiceBuilder::new()
-        .map_request(move |req: Request<Full<Bytes>>| to_upstream(&base, req))
+        .map_request(move |req: Request<Full<Bytes>>| common::to_upstream(&base, req))
         .service(client);
 
     let mut persist = PersistLayer::new(registry.clone(), store.clone());

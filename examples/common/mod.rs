@@ -49,3 +49,49 @@ pub async fn serve(app: axum::Router) -> Result<(), Box<dyn std::error::Error>> 
     axum::serve(listener, app).await?;
     Ok(())
 }
+
+/// Headers that belong to one hop, not to the exchange (RFC 9110 7.6.1).
+const HOP_BY_HOP: [http::HeaderName; 8] = [
+    http::header::CONNECTION,
+    http::HeaderName::from_static("keep-alive"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, and those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<http::HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| http::HeaderName::try_from(n.trim()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(named.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Rewrites a client request into the upstream request: the upstream's base
+/// URL with the request's path and query appended, HTTP/1.1, no hop-by-hop
+/// headers and no `Host` (the client sets the upstream's).
+pub fn to_upstream<B>(base: &http::Uri, req: http::Request<B>) -> http::Request<B> {
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let base_path = base.path().trim_end_matches('/');
+    let uri = http::Uri::builder()
+        .scheme(base.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP))
+        .authority(base.authority().map_or("127.0.0.1", |a| a.as_str()))
+        .path_and_query(format!("{base_path}{path}"))
+        .build()
+        .unwrap_or_else(|_| base.clone());
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(http::header::HOST);
+    http::Request::from_parts(parts, body)
+}
