@@ -9,6 +9,8 @@
 //! closing comments, and the admin endpoints. No test asserts how long
 //! anything took; each step has a deadline, so a hang fails the test.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -45,44 +47,10 @@ const STEP: Duration = Duration::from_secs(30);
 // The proxy process.
 // ---------------------------------------------------------------------------
 
-/// Builds the proxy example with the cargo and profile running this test,
-/// once per test binary, and returns the binary cargo reports.
+/// The proxy example, built once per test binary.
 fn proxy_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/proxy_e2e-<hash>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>")
-            .to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = std::process::Command::new(cargo);
-        build
-            .args(["build", "--example", "proxy", "--message-format=json"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stderr(Stdio::inherit());
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        let output = build.output().expect("run cargo build --example proxy");
-        assert!(
-            output.status.success(),
-            "cargo build --example proxy failed: {}",
-            output.status
-        );
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .filter(|l| l.contains("\"reason\":\"compiler-artifact\""))
-            .filter(|l| l.contains("\"name\":\"proxy\""))
-            .find_map(|l| {
-                let start = l.find("\"executable\":\"")? + "\"executable\":\"".len();
-                let end = start + l[start..].find('"')?;
-                Some(PathBuf::from(&l[start..end]))
-            })
-            .expect("cargo reports the proxy's executable")
-    })
+    BIN.get_or_init(|| support::build_example("proxy"))
 }
 
 /// A running proxy process.
