@@ -98,7 +98,7 @@ use tower_sse::{
     BoxError, Close, CloseReason, Connection, Counter, EventId, Registry, SseRequest, Stage,
 };
 
-use window::{Sequence, Window};
+use window::{Check, Probe, Sequence, Window};
 
 /// The default number of IDs remembered per stream.
 pub const DEFAULT_MAX_TRACKED: usize = 1024;
@@ -358,43 +358,42 @@ enum Verdict {
 
 impl DedupStage {
     fn judge(&mut self, id: &EventId, below: &Below<'_>) -> Verdict {
-        let (check, verdict) = {
-            let mut window = self.state.lock();
-            let check = window.check(id);
-            let policy = match check.sequence {
-                _ if check.duplicate => SequencePolicy::Drop,
-                Sequence::InOrder => SequencePolicy::Pass,
-                Sequence::Gap { .. } => self.config.on_gap,
-                Sequence::Reorder { .. } => self.config.on_reorder,
-            };
-            let verdict = match policy {
-                SequencePolicy::Pass => {
-                    let position = window.record(id);
-                    let n = if self.config.ordered {
-                        id.sequence().map(|(_, n)| n)
-                    } else {
-                        None
-                    };
-                    if self.passed.len() == MAX_PASSED {
-                        self.passed.pop_front();
-                    }
-                    self.passed.push_back((
-                        window::fingerprint(self.config.seed, id.as_bytes()),
-                        position,
-                        n,
-                    ));
-                    Verdict::Pass
+        let probe = Probe::new(self.config.seed, id);
+        let config = &self.config;
+        let policy = |check: &Check| match check.sequence {
+            _ if check.duplicate => SequencePolicy::Drop,
+            Sequence::InOrder => SequencePolicy::Pass,
+            Sequence::Gap { .. } => config.on_gap,
+            Sequence::Reorder { .. } => config.on_reorder,
+        };
+        // Check and record in one step under the lock: two connections racing
+        // with one ID cannot both pass it.
+        let (check, recorded) = self
+            .state
+            .lock()
+            .offer(&probe, |c| policy(c) == SequencePolicy::Pass);
+        let verdict = match recorded {
+            Some(position) => {
+                let n = if config.ordered {
+                    probe.seq.map(|(_, n)| n)
+                } else {
+                    None
+                };
+                if self.passed.len() == MAX_PASSED {
+                    self.passed.pop_front();
                 }
-                SequencePolicy::Drop => Verdict::Drop,
-                SequencePolicy::Close => Verdict::Close(match &check.sequence {
-                    Sequence::Gap { previous, missing } => {
-                        format!("gap: {missing} IDs missing between {previous} and {id}")
-                    }
-                    Sequence::Reorder { previous } => format!("reorder: {id} after {previous}"),
-                    Sequence::InOrder => String::new(),
-                }),
-            };
-            (check, verdict)
+                self.passed.push_back((probe.fp, position, n));
+                Verdict::Pass
+            }
+            None => match (policy(&check), &check.sequence) {
+                (SequencePolicy::Close, Sequence::Gap { previous, missing }) => Verdict::Close(
+                    format!("gap: {missing} IDs missing between {previous} and {id}"),
+                ),
+                (SequencePolicy::Close, Sequence::Reorder { previous }) => {
+                    Verdict::Close(format!("reorder: {id} after {previous}"))
+                }
+                _ => Verdict::Drop,
+            },
         };
         if check.duplicate || check.sequence != Sequence::InOrder {
             if let Some(conn) = below.connection() {
@@ -472,7 +471,8 @@ impl Stage for DedupStage {
                 Ok((ids, resume_from)) => {
                     let mut window = self.state.lock();
                     for id in &ids {
-                        window.record(id);
+                        let probe = window.probe(id);
+                        window.record(&probe);
                     }
                     window.rewind(resume_from.as_ref());
                     self.state.set_delivered(window.newest());
@@ -524,11 +524,8 @@ pub mod bench {
 
         /// Checks and records `id`; `true` if it is new.
         pub fn offer(&mut self, id: &EventId) -> bool {
-            if self.0.check(id).duplicate {
-                return false;
-            }
-            self.0.record(id);
-            true
+            let probe = self.0.probe(id);
+            self.0.offer(&probe, |_| true).1.is_some()
         }
 
         /// IDs held.

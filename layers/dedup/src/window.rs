@@ -24,9 +24,27 @@ pub(crate) enum Sequence {
     Reorder { previous: u64 },
 }
 
+/// What the window needs of an ID, computed once per event: its fingerprint
+/// and, for integer and `prefix-integer` IDs, its sequence position.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Probe<'a> {
+    pub fp: u64,
+    pub seq: Option<(&'a [u8], u64)>,
+}
+
+impl<'a> Probe<'a> {
+    /// Probes `id` for windows keyed with `seed`; needs no lock.
+    pub(crate) fn new(seed: u64, id: &'a EventId) -> Self {
+        Probe {
+            fp: fingerprint(seed, id.as_bytes()),
+            seq: sequence(id.as_bytes()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Position {
-    prefix: Box<str>,
+    prefix: Box<[u8]>,
     n: u64,
 }
 
@@ -85,26 +103,37 @@ impl Window {
         self.ring.capacity() * 16 + self.set.allocated_bytes()
     }
 
-    /// Checks `id` without recording it.
-    pub(crate) fn check(&self, id: &EventId) -> Check {
-        let seq = id.sequence();
+    /// Fingerprints `id` and reads its sequence position, once for both
+    /// [`check`](Self::check) and [`record`](Self::record).
+    pub(crate) fn probe<'a>(&self, id: &'a EventId) -> Probe<'a> {
+        Probe::new(self.seed, id)
+    }
+
+    /// Checks a probed ID without recording it (the tests' reference for
+    /// [`offer`](Self::offer)).
+    #[cfg(test)]
+    pub(crate) fn check(&self, probe: &Probe<'_>) -> Check {
+        let seq = probe.seq;
+        if !(self.ordered && seq.is_some()) {
+            // Read the two table slots this event will need, its own and the one
+            // of the fingerprint the ring evicts next, before anything branches
+            // on memory: in a window larger than the cache the two misses then
+            // overlap instead of queueing behind each other.
+            self.set.touch(probe.fp);
+            if self.ring.len() == self.capacity {
+                if let Some((old, _)) = self.ring.front() {
+                    self.set.touch(*old);
+                }
+            }
+        }
         let duplicate = match (self.ordered, seq, &self.mark) {
-            (true, Some((p, n)), Some(mark)) if *mark.prefix == *p => n <= mark.n,
+            (true, Some((p, n)), Some(mark)) if same(&mark.prefix, p) => n <= mark.n,
             (true, Some(_), _) => false,
-            _ => self.set.contains(fingerprint(self.seed, id.as_bytes())),
+            _ => self.set.contains(probe.fp),
         };
         let sequence = match (seq, &self.last) {
-            (Some((p, n)), Some(last)) if *last.prefix == *p && !duplicate => {
-                if n > last.n.saturating_add(1) {
-                    Sequence::Gap {
-                        previous: last.n,
-                        missing: n - last.n - 1,
-                    }
-                } else if n <= last.n {
-                    Sequence::Reorder { previous: last.n }
-                } else {
-                    Sequence::InOrder
-                }
+            (Some((p, n)), Some(last)) if same(&last.prefix, p) && !duplicate => {
+                classify(last.n, n)
             }
             _ => Sequence::InOrder,
         };
@@ -114,21 +143,80 @@ impl Window {
         }
     }
 
-    /// Records `id` as taken by a connection (checked and passed on).
-    /// Returns the ring position it got, if it entered the ring.
-    pub(crate) fn record(&mut self, id: &EventId) -> Option<u64> {
-        let seq = id.sequence();
+    /// [`check`](Self::check), then, unless the ID is a duplicate and if
+    /// `pass` agrees given what the check found, [`record`](Self::record): one
+    /// step under the caller's lock, with the ID's prefix compared once and
+    /// its table slot looked up once. Returns the check and, if recorded, the
+    /// ring position it got (`Some(None)`: recorded, but not in the ring).
+    pub(crate) fn offer(
+        &mut self,
+        probe: &Probe<'_>,
+        pass: impl FnOnce(&Check) -> bool,
+    ) -> (Check, Option<Option<u64>>) {
+        let seq = probe.seq;
+        let use_set = !(self.ordered && seq.is_some());
+        if use_set {
+            self.touch_slots(probe.fp);
+        }
+        let last_same = match (seq, &self.last) {
+            (Some((p, _)), Some(last)) => same(&last.prefix, p),
+            _ => false,
+        };
+        let duplicate = if use_set {
+            self.set.contains(probe.fp)
+        } else {
+            match (seq, &self.mark) {
+                (Some((p, n)), Some(mark)) if same(&mark.prefix, p) => n <= mark.n,
+                _ => false,
+            }
+        };
+        let sequence = match (seq, &self.last) {
+            (Some((_, n)), Some(last)) if last_same && !duplicate => classify(last.n, n),
+            _ => Sequence::InOrder,
+        };
+        let check = Check {
+            duplicate,
+            sequence,
+        };
+        if duplicate || !pass(&check) {
+            return (check, None);
+        }
         if let Some((p, n)) = seq {
-            advance(&mut self.last, p, n);
+            match &mut self.last {
+                Some(last) if last_same => last.n = last.n.max(n),
+                last => {
+                    *last = Some(Position {
+                        prefix: p.into(),
+                        n,
+                    })
+                }
+            }
             if self.ordered {
                 advance(&mut self.mark, p, n);
-                return None;
+                return (check, Some(None));
             }
         }
-        let fp = fingerprint(self.seed, id.as_bytes());
-        if self.set.contains(fp) {
-            return None;
+        let position = self.insert_new(probe.fp);
+        (check, Some(Some(position)))
+    }
+
+    /// Starts loading the two table slots an event needs, its own and the one
+    /// of the fingerprint the ring evicts next, before anything branches on
+    /// memory: in a window larger than the cache the two misses then overlap
+    /// instead of queueing behind each other.
+    fn touch_slots(&self, fp: u64) {
+        self.set.touch(fp);
+        if self.ring.len() == self.capacity {
+            if let Some((old, _)) = self.ring.front() {
+                self.set.touch(*old);
+            }
         }
+    }
+
+    /// Enters a fingerprint the set does not hold, evicting the oldest when
+    /// full; returns its ring position.
+    fn insert_new(&mut self, fp: u64) -> u64 {
+        debug_assert!(!self.set.contains(fp));
         // Evict before inserting, so that the table never holds more than `capacity`.
         if self.ring.len() == self.capacity {
             if let Some((old, _)) = self.ring.pop_front() {
@@ -139,7 +227,23 @@ impl Window {
         let position = self.recorded;
         self.ring.push_back((fp, position));
         self.recorded += 1;
-        Some(position)
+        position
+    }
+
+    /// Records a probed ID as taken by a connection (checked and passed on).
+    /// Returns the ring position it got, if it entered the ring.
+    pub(crate) fn record(&mut self, probe: &Probe<'_>) -> Option<u64> {
+        if let Some((p, n)) = probe.seq {
+            advance(&mut self.last, p, n);
+            if self.ordered {
+                advance(&mut self.mark, p, n);
+                return None;
+            }
+        }
+        if self.set.contains(probe.fp) {
+            return None;
+        }
+        Some(self.insert_new(probe.fp))
     }
 
     /// Forgets what was taken but never delivered: ring entries after position
@@ -173,7 +277,7 @@ impl Window {
             self.clear();
             return;
         };
-        if let Some((p, n)) = to.sequence() {
+        if let Some((p, n)) = sequence(to.as_bytes()) {
             self.last = Some(Position {
                 prefix: p.into(),
                 n,
@@ -206,10 +310,24 @@ impl Window {
     }
 }
 
+/// What `n` after `previous` (same prefix, not a duplicate) says.
+fn classify(previous: u64, n: u64) -> Sequence {
+    if n > previous.saturating_add(1) {
+        Sequence::Gap {
+            previous,
+            missing: n - previous - 1,
+        }
+    } else if n <= previous {
+        Sequence::Reorder { previous }
+    } else {
+        Sequence::InOrder
+    }
+}
+
 /// Moves a position forward; a new prefix (a new epoch, say) starts over.
-fn advance(pos: &mut Option<Position>, prefix: &str, n: u64) {
+fn advance(pos: &mut Option<Position>, prefix: &[u8], n: u64) {
     match pos {
-        Some(p) if *p.prefix == *prefix => p.n = p.n.max(n),
+        Some(p) if same(&p.prefix, prefix) => p.n = p.n.max(n),
         _ => {
             *pos = Some(Position {
                 prefix: prefix.into(),
@@ -219,29 +337,93 @@ fn advance(pos: &mut Option<Position>, prefix: &str, n: u64) {
     }
 }
 
+/// [`EventId::sequence`] on bytes, without its UTF-8 checks (an `EventId` is
+/// valid UTF-8 already) or `str::parse`: a third of the window's per-event cost
+/// went there. The prefix is compared as bytes only.
+pub(crate) fn sequence(id: &[u8]) -> Option<(&[u8], u64)> {
+    let mut start = id.len();
+    while start > 0 && id[start - 1].is_ascii_digit() {
+        start -= 1;
+    }
+    let (prefix, digits) = id.split_at(start);
+    if digits.is_empty() || !(prefix.is_empty() || prefix.ends_with(b"-")) {
+        return None;
+    }
+    // Up to 19 digits cannot overflow u64: no checks per digit there.
+    if digits.len() <= 19 {
+        let n = digits
+            .iter()
+            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        return Some((prefix, n));
+    }
+    let mut n: u64 = 0;
+    for &d in digits {
+        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    Some((prefix, n))
+}
+
+/// Byte equality for the short prefixes of sequential IDs, inline rather
+/// than through a `memcmp` call.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        0 => true,
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=7 => word4(a) == word4(b) && word4(&a[n - 4..]) == word4(&b[n - 4..]),
+        8..=16 => word8(a) == word8(b) && word8(&a[n - 8..]) == word8(&b[n - 8..]),
+        _ => a == b,
+    }
+}
+
 /// A keyed 64-bit fingerprint (folded multiply, as in foldhash): a few
 /// nanoseconds for a short ID.
 pub(crate) fn fingerprint(seed: u64, bytes: &[u8]) -> u64 {
     const K1: u64 = 0x9e37_79b9_7f4a_7c15;
     const K2: u64 = 0xd6e8_feb8_6659_fd93;
-    let mut h = seed ^ (bytes.len() as u64).wrapping_mul(K1);
-    let mut chunks = bytes.chunks_exact(8);
-    for c in &mut chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(c);
-        h = fold(h ^ u64::from_le_bytes(word), K1);
-    }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        let mut word = [0u8; 8];
-        word[..rest.len()].copy_from_slice(rest);
-        h = fold(h ^ u64::from_le_bytes(word), K2);
+    let len = bytes.len();
+    let mut h = seed ^ (len as u64).wrapping_mul(K1);
+    // Whole words, then the tail as one word read overlapping the last full
+    // one (the length is mixed in, so this stays injective per length): no
+    // byte loop, no `memcpy` call for the remainder.
+    if len >= 8 {
+        let mut rest = bytes;
+        while rest.len() > 8 {
+            h = fold(h ^ word8(rest), K1);
+            rest = &rest[8..];
+        }
+        h = fold(h ^ word8(&bytes[len - 8..]), K2);
+    } else if len >= 4 {
+        let lo = u64::from(word4(bytes));
+        let hi = u64::from(word4(&bytes[len - 4..]));
+        h = fold(h ^ (lo | hi << 32), K2);
+    } else if len > 0 {
+        let (a, b, c) = (bytes[0], bytes[len / 2], bytes[len - 1]);
+        h = fold(
+            h ^ (u64::from(a) | u64::from(b) << 8 | u64::from(c) << 16),
+            K2,
+        );
     }
     match fold(h, K2) {
         // The table's empty slot; a 2^-64 event, merged with fingerprint 1.
         EMPTY => 1,
         h => h,
     }
+}
+
+fn word8(b: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(w)
+}
+
+fn word4(b: &[u8]) -> u32 {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(&b[..4]);
+    u32::from_le_bytes(w)
 }
 
 fn fold(a: u64, b: u64) -> u64 {
@@ -280,6 +462,13 @@ impl FingerprintSet {
 
     fn home(&self, fp: u64) -> usize {
         fp as usize & self.mask()
+    }
+
+    /// Loads `fp`'s home slot, so that the cache line is on its way.
+    fn touch(&self, fp: u64) {
+        if !self.slots.is_empty() {
+            std::hint::black_box(self.slots[self.home(fp)]);
+        }
     }
 
     /// The slot holding `fp`, if any.
@@ -365,11 +554,14 @@ mod tests {
         EventId::new(s.to_owned()).unwrap()
     }
 
+    /// Check-then-record and the one-step `offer` agree; returns the check.
     fn offer(w: &mut Window, s: &str) -> Check {
-        let c = w.check(&id(s));
-        if !c.duplicate {
-            w.record(&id(s));
-        }
+        let id = id(s);
+        let probe = w.probe(&id);
+        let c = w.check(&probe);
+        let (c2, recorded) = w.offer(&probe, |_| true);
+        assert_eq!(c, c2);
+        assert_eq!(recorded.is_some(), !c.duplicate);
         c
     }
 
@@ -488,11 +680,59 @@ mod tests {
     }
 
     #[test]
+    fn sequence_agrees_with_event_id() {
+        for s in [
+            "",
+            "0",
+            "9",
+            "42",
+            "007",
+            "x",
+            "x1",
+            "x-1",
+            "a-b-17",
+            "-5",
+            "e1-",
+            "e1-0",
+            "18446744073709551615",
+            "18446744073709551616",
+            "99999999999999999999",
+            "000000000000000000000000018446744073709551615",
+            "é-3",
+            "1-2-3",
+            "+5",
+            "a+5",
+            "1",
+            "10",
+            "100000000000000000000",
+            "0000000000000000000000",
+            "00000000000000000000001",
+            "x-10000000000000000000",
+            "x-9999999999999999999",
+        ] {
+            let id = id(s);
+            let expected = id.sequence().map(|(p, n)| (p.as_bytes(), n));
+            assert_eq!(sequence(s.as_bytes()), expected, "{s:?}");
+        }
+    }
+
+    #[test]
     fn fingerprints_differ() {
         let a = fingerprint(7, b"event-1");
         assert_ne!(a, fingerprint(7, b"event-2"));
         assert_ne!(a, fingerprint(8, b"event-1"));
         assert_ne!(fingerprint(7, b""), fingerprint(7, b"\0"));
         assert_ne!(fingerprint(7, b"12345678"), fingerprint(7, b"12345678\0"));
+        // Every length, every byte position matters (the tail reads overlap).
+        let base: Vec<u8> = (0u8..40).collect();
+        let mut seen = std::collections::HashSet::new();
+        for len in 0..=base.len() {
+            assert!(seen.insert(fingerprint(7, &base[..len])), "length {len}");
+            for i in 0..len {
+                let mut v = base[..len].to_vec();
+                v[i] ^= 0x80;
+                assert!(seen.insert(fingerprint(7, &v)), "length {len}, byte {i}");
+            }
+        }
     }
 }
