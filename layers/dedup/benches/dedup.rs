@@ -82,7 +82,8 @@ fn bench(c: &mut Criterion) {
         let mut window = None;
         let mut at = 0;
         group.bench_with_input(BenchmarkId::new("tower-sse window", cap), &cap, |b, _| {
-            let window = window.get_or_insert_with(|| {
+            // Shared, as the layer's stages share it: every offer takes the lock.
+            let window: &Mutex<Window> = window.get_or_insert_with(|| {
                 let w = Mutex::new(Window::new(cap, false));
                 for id in &ids(0, cap) {
                     w.lock().unwrap().offer(id);
