@@ -52,8 +52,8 @@ struct Position {
 /// record order, plus the high-water mark and last position for sequential IDs.
 ///
 /// Fingerprints are 64-bit keyed hashes (a random key per process), so the
-/// window holds 32 bytes per ID however long IDs are (16 in the ring, 16 in the
-/// table); two distinct IDs collide with probability about `capacity / 2^64`
+/// window holds about 24 bytes per ID however long IDs are (8 in the ring, 16
+/// in the table at most half full); two distinct IDs collide with probability about `capacity / 2^64`
 /// per check. Once the window is full its allocation never changes.
 #[derive(Debug)]
 pub(crate) struct Window {
@@ -61,7 +61,7 @@ pub(crate) struct Window {
     ordered: bool,
     seed: u64,
     /// Fingerprints with the position they were recorded at, oldest first.
-    ring: VecDeque<(u64, u64)>,
+    ring: Ring,
     set: FingerprintSet,
     mark: Option<Position>,
     last: Option<Position>,
@@ -76,7 +76,7 @@ impl Window {
             capacity: capacity.max(1),
             ordered,
             seed,
-            ring: VecDeque::new(),
+            ring: Ring::default(),
             set: FingerprintSet::default(),
             mark: None,
             last: None,
@@ -87,10 +87,7 @@ impl Window {
     /// The position of the newest ring entry, and the ordered mark's number:
     /// after a rewind to a client's own position, that is what it holds.
     pub(crate) fn newest(&self) -> (Option<u64>, Option<u64>) {
-        (
-            self.ring.back().map(|(_, pos)| *pos),
-            self.mark.as_ref().map(|m| m.n),
-        )
+        (self.ring.newest_position(), self.mark.as_ref().map(|m| m.n))
     }
 
     /// The number of fingerprints held.
@@ -100,7 +97,7 @@ impl Window {
 
     /// Bytes allocated by the window's collections.
     pub(crate) fn allocated_bytes(&self) -> usize {
-        self.ring.capacity() * 16 + self.set.allocated_bytes()
+        self.ring.allocated_bytes() + self.set.allocated_bytes()
     }
 
     /// Fingerprints `id` and reads its sequence position, once for both
@@ -114,18 +111,6 @@ impl Window {
     #[cfg(test)]
     pub(crate) fn check(&self, probe: &Probe<'_>) -> Check {
         let seq = probe.seq;
-        if !(self.ordered && seq.is_some()) {
-            // Read the two table slots this event will need, its own and the one
-            // of the fingerprint the ring evicts next, before anything branches
-            // on memory: in a window larger than the cache the two misses then
-            // overlap instead of queueing behind each other.
-            self.set.touch(probe.fp);
-            if self.ring.len() == self.capacity {
-                if let Some((old, _)) = self.ring.front() {
-                    self.set.touch(*old);
-                }
-            }
-        }
         let duplicate = match (self.ordered, seq, &self.mark) {
             (true, Some((p, n)), Some(mark)) if same(&mark.prefix, p) => n <= mark.n,
             (true, Some(_), _) => false,
@@ -207,8 +192,8 @@ impl Window {
     fn touch_slots(&self, fp: u64) {
         self.set.touch(fp);
         if self.ring.len() == self.capacity {
-            if let Some((old, _)) = self.ring.front() {
-                self.set.touch(*old);
+            if let Some(old) = self.ring.front() {
+                self.set.touch(old);
             }
         }
     }
@@ -219,13 +204,13 @@ impl Window {
         debug_assert!(!self.set.contains(fp));
         // Evict before inserting, so that the table never holds more than `capacity`.
         if self.ring.len() == self.capacity {
-            if let Some((old, _)) = self.ring.pop_front() {
+            if let Some(old) = self.ring.pop_front() {
                 self.set.remove(old);
             }
         }
         self.set.insert(fp);
         let position = self.recorded;
-        self.ring.push_back((fp, position));
+        self.ring.push_back(fp, position);
         self.recorded += 1;
         position
     }
@@ -253,10 +238,10 @@ impl Window {
     /// order their deliveries moved the cursor in.
     pub(crate) fn rewind_to_delivered(&mut self, delivered: Option<u64>, delivered_n: Option<u64>) {
         let keep = match delivered {
-            Some(upto) => self.ring.partition_point(|(_, pos)| *pos <= upto),
+            Some(upto) => self.ring.count_up_to(upto),
             None => 0,
         };
-        for (fp, _) in self.ring.drain(keep..) {
+        for fp in self.ring.truncate(keep) {
             self.set.remove(fp);
         }
         if self.ordered {
@@ -288,9 +273,9 @@ impl Window {
             }
         }
         let fp = fingerprint(self.seed, to.as_bytes());
-        match self.ring.iter().rposition(|(f, _)| *f == fp) {
+        match self.ring.rposition(fp) {
             Some(pos) => {
-                for (dropped, _) in self.ring.drain(pos + 1..) {
+                for dropped in self.ring.truncate(pos + 1) {
                     self.set.remove(dropped);
                 }
             }
@@ -429,6 +414,112 @@ fn word4(b: &[u8]) -> u32 {
 fn fold(a: u64, b: u64) -> u64 {
     let r = (a as u128).wrapping_mul(b as u128);
     (r as u64) ^ ((r >> 64) as u64)
+}
+
+/// The window's fingerprints in record order, with the position each was
+/// recorded at. Positions only grow and are consecutive except where a rewind
+/// dropped the newest entries, so they are kept as runs (where a run starts,
+/// and its first position) rather than one 8-byte position per entry: the
+/// ring is half the size, which keeps a large window's table in cache.
+#[derive(Debug, Default)]
+struct Ring {
+    fps: VecDeque<u64>,
+    /// `(absolute index, position)` of each run's first entry, oldest first;
+    /// the first run may start before `popped` (its head was evicted).
+    runs: VecDeque<(u64, u64)>,
+    /// The absolute index of `fps[0]`: entries ever popped from the front.
+    popped: u64,
+}
+
+impl Ring {
+    fn len(&self) -> usize {
+        self.fps.len()
+    }
+
+    fn allocated_bytes(&self) -> usize {
+        self.fps.capacity() * 8 + self.runs.capacity() * 16
+    }
+
+    fn front(&self) -> Option<u64> {
+        self.fps.front().copied()
+    }
+
+    fn push_back(&mut self, fp: u64, position: u64) {
+        let abs = self.popped + self.fps.len() as u64;
+        let continues = matches!(
+            (self.fps.is_empty(), self.runs.back()),
+            (false, Some(&(start, first))) if first + (abs - start) == position
+        );
+        if !continues {
+            self.runs.push_back((abs, position));
+        }
+        self.fps.push_back(fp);
+    }
+
+    fn pop_front(&mut self) -> Option<u64> {
+        let fp = self.fps.pop_front()?;
+        self.popped += 1;
+        if self.fps.is_empty() {
+            self.runs.clear();
+        } else if self
+            .runs
+            .get(1)
+            .is_some_and(|&(start, _)| start <= self.popped)
+        {
+            self.runs.pop_front();
+        }
+        Some(fp)
+    }
+
+    /// The position of the entry at index `i`.
+    fn position(&self, i: usize) -> u64 {
+        let abs = self.popped + i as u64;
+        let run = self.runs.partition_point(|&(start, _)| start <= abs) - 1;
+        let (start, first) = self.runs[run];
+        first + (abs - start)
+    }
+
+    fn newest_position(&self) -> Option<u64> {
+        (!self.fps.is_empty()).then(|| self.position(self.fps.len() - 1))
+    }
+
+    /// How many entries have a position at or below `upto` (positions grow
+    /// along the ring).
+    fn count_up_to(&self, upto: u64) -> usize {
+        let (mut lo, mut hi) = (0, self.fps.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if self.position(mid) <= upto {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    /// The index of the newest entry with fingerprint `fp`.
+    fn rposition(&self, fp: u64) -> Option<usize> {
+        self.fps.iter().rposition(|f| *f == fp)
+    }
+
+    /// Keeps the first `keep` entries; returns the fingerprints dropped.
+    fn truncate(&mut self, keep: usize) -> Vec<u64> {
+        let dropped: Vec<u64> = self.fps.drain(keep.min(self.fps.len())..).collect();
+        let end = self.popped + self.fps.len() as u64;
+        while self.runs.back().is_some_and(|&(start, _)| start >= end) {
+            self.runs.pop_back();
+        }
+        if self.fps.is_empty() {
+            self.runs.clear();
+        }
+        dropped
+    }
+
+    fn clear(&mut self) {
+        self.fps.clear();
+        self.runs.clear();
+    }
 }
 
 /// A set of fingerprints in one open-addressing table: linear probing,
@@ -677,6 +768,49 @@ mod tests {
         assert_eq!(w.len(), 100);
         assert!(offer(&mut w, "x19999").duplicate);
         assert!(!offer(&mut w, "x19899").duplicate);
+    }
+
+    #[test]
+    fn ring_positions_match_a_plain_model() {
+        let mut ring = Ring::default();
+        let mut model: VecDeque<(u64, u64)> = VecDeque::new();
+        let mut next = 0u64;
+        let mut x = 0x9e37_79b9_u64;
+        for step in 0..20_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            match x % 10 {
+                0 if !model.is_empty() => {
+                    // A rewind: drop some of the newest; positions jump.
+                    let keep = (x / 10) as usize % (model.len() + 1);
+                    let dropped: Vec<u64> = model.drain(keep..).map(|(f, _)| f).collect();
+                    assert_eq!(ring.truncate(keep), dropped);
+                }
+                1..=3 if !model.is_empty() => {
+                    assert_eq!(ring.pop_front(), model.pop_front().map(|(f, _)| f));
+                }
+                _ => {
+                    ring.push_back(step, next);
+                    model.push_back((step, next));
+                    next += 1 + (x % 3 == 0) as u64;
+                }
+            }
+            assert_eq!(ring.len(), model.len());
+            assert_eq!(ring.newest_position(), model.back().map(|(_, p)| *p));
+            assert_eq!(ring.front(), model.front().map(|(f, _)| *f));
+            if step % 7 == 0 && !model.is_empty() {
+                for (i, (_, p)) in model.iter().enumerate() {
+                    assert_eq!(ring.position(i), *p);
+                }
+                let upto = model[model.len() / 2].1;
+                assert_eq!(
+                    ring.count_up_to(upto),
+                    model.partition_point(|(_, p)| *p <= upto)
+                );
+            }
+            assert!(ring.runs.len() <= model.len().max(1));
+        }
     }
 
     #[test]
