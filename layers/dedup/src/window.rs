@@ -793,13 +793,13 @@ mod tests {
                 _ => {
                     ring.push_back(step, next);
                     model.push_back((step, next));
-                    next += 1 + (x % 3 == 0) as u64;
+                    next += 1 + u64::from(x.is_multiple_of(3));
                 }
             }
             assert_eq!(ring.len(), model.len());
             assert_eq!(ring.newest_position(), model.back().map(|(_, p)| *p));
             assert_eq!(ring.front(), model.front().map(|(f, _)| *f));
-            if step % 7 == 0 && !model.is_empty() {
+            if step.is_multiple_of(7) && !model.is_empty() {
                 for (i, (_, p)) in model.iter().enumerate() {
                     assert_eq!(ring.position(i), *p);
                 }
