@@ -358,7 +358,26 @@ struct Pipeline {
     stages: Vec<Box<dyn Stage>>,
     conn: Option<Connection>,
     ending: Ending,
+    /// The delivery time shared by the events of one burst (polls that never
+    /// found the stream pending), and how many used it: the latency histogram
+    /// reads the clock once per burst of up to [`BURST_CLOCK_EVENTS`], not
+    /// once per event. Such events leave in the same socket write, so their
+    /// delivery times differ by the burst's processing time, microseconds.
+    burst: Option<(Instant, u32)>,
+    /// Delivery latencies not yet in the registry's histogram, as a run of
+    /// events with the same `(arrival, delivery)` times and its length: the
+    /// events of one chunk delivered in one burst share both, so a run costs
+    /// one subtraction and one histogram update (two atomic adds) instead of
+    /// one each per event. Flushed when the times change, the run reaches
+    /// [`LATENCY_RUN_MAX`], the stream waits or ends.
+    latency_run: Option<(Instant, Instant, u64)>,
 }
+
+/// The longest run of equal latencies held before it is flushed.
+const LATENCY_RUN_MAX: u64 = 1024;
+
+/// Events of one burst that share a delivery-time clock read.
+const BURST_CLOCK_EVENTS: u32 = 64;
 
 enum Kind {
     Full(Option<Bytes>),
@@ -436,6 +455,8 @@ impl SseBody {
                 stages: Vec::new(),
                 conn: None,
                 ending: Ending::Running,
+                burst: None,
+                latency_run: None,
             })),
         }
     }
@@ -448,6 +469,8 @@ impl SseBody {
                 stages: chain.stages,
                 conn: None,
                 ending: Ending::Running,
+                burst: None,
+                latency_run: None,
             })),
         }
     }
@@ -519,7 +542,31 @@ fn http_body_util_full(bytes: Bytes) -> impl Body<Data = Bytes, Error = std::con
 }
 
 impl Pipeline {
+    /// The time events of the current burst are delivered at; a new clock
+    /// read when the event arrived after the burst's (a chunk read mid-burst).
+    fn delivery_time(&mut self, arrived: Instant) -> Instant {
+        match &mut self.burst {
+            Some((at, used)) if *used < BURST_CLOCK_EVENTS && *at >= arrived => {
+                *used += 1;
+                *at
+            }
+            _ => {
+                // A new delivery time ends the run of latencies that shared the old one.
+                self.flush_latency();
+                self.burst.insert((Instant::now(), 1)).0
+            }
+        }
+    }
+
+    /// Puts the held run of latencies into the registry's histogram.
+    fn flush_latency(&mut self) {
+        if let (Some(conn), Some(run)) = (&self.conn, self.latency_run.take()) {
+            record_latencies(conn.registry(), run);
+        }
+    }
+
     fn end(&mut self, reason: CloseReason) {
+        self.flush_latency();
         for s in &mut self.stages {
             s.on_end(reason);
         }
@@ -548,6 +595,12 @@ impl Pipeline {
         tracing::debug!(%reason, error = %err, "sse stream closing");
         self.end(reason);
         let comment = encode_comment(&format!("tower-sse closed: {reason}: {detail}"));
+        // Counted like every byte the client gets, so `bytes_delivered` matches
+        // what the client received.
+        if let Some(conn) = &self.conn {
+            conn.registry()
+                .count(conn.stream(), Counter::BytesDelivered, comment.len() as u64);
+        }
         // The body then ends cleanly: were it to end with an error, hyper would
         // drop the connection with the closing comment still in its buffer.
         self.ending = Ending::Done;
@@ -579,6 +632,8 @@ impl Pipeline {
             };
             let frame = match polled {
                 Poll::Pending => {
+                    self.burst = None;
+                    self.flush_latency();
                     if let Some(conn) = &self.conn {
                         if conn.entry().register(cx.waker()).is_some() {
                             continue;
@@ -606,6 +661,9 @@ impl Pipeline {
                     return Poll::Ready(Some(Ok(http_body::Frame::data(bytes))));
                 }
                 Frame::Event(mut event) => {
+                    let latency = event
+                        .arrived()
+                        .map(|arrived| (arrived, self.delivery_time(arrived)));
                     if let Some(conn) = &self.conn {
                         let registry = conn.registry();
                         let stream = conn.stream();
@@ -624,8 +682,20 @@ impl Pipeline {
                             }
                         }
                         stream.set_cursor(event.last_event_id());
-                        if let Some(arrived) = event.arrived() {
-                            registry.latency().record(arrived.elapsed());
+                        if let Some(times) = latency {
+                            match &mut self.latency_run {
+                                // Same delivery time: a new one flushed the run.
+                                Some((arrived, _, n))
+                                    if *arrived == times.0 && *n < LATENCY_RUN_MAX =>
+                                {
+                                    *n += 1
+                                }
+                                run => {
+                                    if let Some(old) = run.replace((times.0, times.1, 1)) {
+                                        record_latencies(registry, old);
+                                    }
+                                }
+                            }
                         }
                         registry.count(stream, Counter::EventsDelivered, 1);
                         registry.count(stream, Counter::BytesDelivered, event.raw().len() as u64);
@@ -640,8 +710,16 @@ impl Pipeline {
     }
 }
 
+/// Records a run of `n` events that arrived and were delivered at the same times.
+fn record_latencies(registry: &Registry, (arrived, at, n): (Instant, Instant, u64)) {
+    registry
+        .latency()
+        .record_n(at.saturating_duration_since(arrived), n);
+}
+
 impl Drop for Pipeline {
     fn drop(&mut self) {
+        self.flush_latency();
         if !matches!(self.ending, Ending::Running) {
             return;
         }

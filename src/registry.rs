@@ -276,10 +276,26 @@ impl Histogram {
 
     /// Records one duration.
     pub fn record(&self, d: Duration) {
+        self.record_n(d, 1);
+    }
+
+    /// Records `n` equal durations at the cost of one.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let registry = tower_sse::Registry::default();
+    /// registry.latency().record_n(Duration::from_micros(3), 10);
+    /// assert_eq!(registry.latency().count(), 10);
+    /// ```
+    pub fn record_n(&self, d: Duration, n: u64) {
+        if n == 0 {
+            return;
+        }
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         let i = (64 - us.leading_zeros() as usize).min(Self::BUCKETS - 1);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        self.buckets[i].fetch_add(n, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(us.saturating_mul(n), Ordering::Relaxed);
     }
 
     /// `(upper bound in µs, count)` per bucket; the last bound is `u64::MAX`.

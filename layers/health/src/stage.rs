@@ -11,12 +11,12 @@ use tokio::time::{Instant, Sleep};
 use tower_sse::body::Below;
 use tower_sse::parse::Frame;
 use tower_sse::registry::{ConnectionEntry, StreamState};
-use tower_sse::{BoxError, Close, CloseReason, Connection, Counter, Event, Registry, Stage};
+use tower_sse::{BoxError, Close, CloseReason, Connection, Counter, Registry, Stage};
 
 use crate::layer::Config;
 
-/// Events delivered between two activity stamps while the stream never waits:
-/// a busy stream costs one clock read per this many events, not one per event.
+/// Frames passed to the client between two activity stamps while the stream
+/// never waits: a busy stream costs one clock read per this many frames.
 const TOUCH_EVERY: u32 = 256;
 
 /// The per-connection stage of [`HealthLayer`](crate::HealthLayer).
@@ -82,25 +82,28 @@ impl HealthStage {
 }
 
 impl State {
-    fn poll_frame(
-        &mut self,
-        cx: &mut Context<'_>,
-        below: &mut Below<'_>,
-    ) -> Poll<Option<Result<Frame, BoxError>>> {
-        // One variable in, the same one out: the frame is not copied on its way.
-        let mut polled = below.poll_frame(cx);
-        if polled.is_pending() {
-            polled = self.poll_timers(cx, below);
-        } else {
-            // A frame (or the end) came from below and goes to the client.
-            // An event an interceptor vetoes at delivery still counts: it
-            // delays one keep-alive at most.
-            self.seen = true;
-            if self.trace_events {
-                trace_frame(&polled);
-            }
+    /// A frame passed from below to the client: per frame, a flag and a count.
+    #[inline(always)]
+    fn passed(&mut self, polled: &Poll<Option<Result<Frame, BoxError>>>) {
+        self.seen = true;
+        self.since_touch += 1;
+        if self.since_touch >= TOUCH_EVERY || self.trace_events {
+            self.every_so_often(polled);
         }
-        polled
+    }
+
+    /// Out of the per-frame path: the activity stamp of a stream that has not
+    /// waited for [`TOUCH_EVERY`] frames, and trace records when wanted.
+    #[cold]
+    #[inline(never)]
+    fn every_so_often(&mut self, polled: &Poll<Option<Result<Frame, BoxError>>>) {
+        if self.since_touch >= TOUCH_EVERY {
+            self.since_touch = 0;
+            self.entry.touch(self.registry.now_ms());
+        }
+        if self.trace_events {
+            trace_frame(polled);
+        }
     }
 
     /// The earliest moment something is due, if a timer is configured.
@@ -226,23 +229,42 @@ fn warn_no_runtime() {
     }
 }
 
+impl HealthStage {
+    /// Below has nothing ready: the timers' turn, out of the per-frame path.
+    #[inline(never)]
+    fn on_pending(
+        &mut self,
+        cx: &mut Context<'_>,
+        below: &Below<'_>,
+    ) -> Poll<Option<Result<Frame, BoxError>>> {
+        let _entered = (!self.span.is_disabled()).then(|| self.span.enter());
+        self.state.poll_timers(cx, below)
+    }
+}
+
 impl Stage for HealthStage {
     fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
         below: &mut Below<'_>,
     ) -> Poll<Option<Result<Frame, BoxError>>> {
-        // A disabled span (no subscriber wants debug) is not entered at all.
-        let _entered = (!self.span.is_disabled()).then(|| self.span.enter());
-        self.state.poll_frame(cx, below)
-    }
-
-    fn on_delivered(&mut self, _event: &Event) {
-        let state = &mut self.state;
-        state.since_touch += 1;
-        if state.since_touch >= TOUCH_EVERY {
-            state.since_touch = 0;
-            state.entry.touch(state.registry.now_ms());
+        // The per-frame path: poll below (inside the span if a subscriber wants
+        // it; a disabled span is not entered at all), set a flag, count, return
+        // the frame. Clocks and timers wait until below is pending.
+        // One variable in, the same one out: one move of the frame at most.
+        let mut polled = if self.span.is_disabled() {
+            below.poll_frame(cx)
+        } else {
+            self.span.in_scope(|| below.poll_frame(cx))
+        };
+        if polled.is_pending() {
+            polled = self.on_pending(cx, below);
+        } else {
+            // A frame (or the end) came from below and goes to the client. An
+            // event an interceptor vetoes at delivery still counts: it delays
+            // one keep-alive at most.
+            self.state.passed(&polled);
         }
+        polled
     }
 }
