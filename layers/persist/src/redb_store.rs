@@ -1913,4 +1913,167 @@ mod tests {
         assert_eq!(stored_at(&encode_event(&ev)), 123);
         assert!(decode_event(4, b"\x00\x01").is_err());
     }
+
+    fn event(seq: u64, raw: &str) -> StoredEvent {
+        StoredEvent {
+            seq,
+            id: EventId::from_u64(seq),
+            raw: Bytes::from(raw.to_owned()),
+            stored_at_ms: 1_000 + seq,
+        }
+    }
+
+    fn append_op(key: &[u8], events: &[StoredEvent]) -> Op {
+        Op::Append {
+            key: key.to_vec(),
+            events: events.iter().map(Prepared::new).collect(),
+        }
+    }
+
+    /// The fields of a logged request, for comparisons.
+    fn fields(
+        op: &Op,
+    ) -> (
+        Vec<u8>,
+        Vec<(u64, Vec<u8>, u64, Vec<u8>)>,
+        Option<(Option<Vec<u8>>, u64)>,
+    ) {
+        match op {
+            Op::Append { key, events } => (
+                key.clone(),
+                events
+                    .iter()
+                    .map(|e| (e.seq, e.id.as_bytes().to_vec(), e.raw_len, e.value.clone()))
+                    .collect(),
+                None,
+            ),
+            Op::SetCursor { key, cursor, at_ms } => {
+                (key.clone(), vec![], Some((cursor.clone(), *at_ms)))
+            }
+            _ => unreachable!("not loggable"),
+        }
+    }
+
+    #[test]
+    fn log_records_round_trip() {
+        let a = encode_key(&StreamKey::new("/a").unwrap());
+        let b = encode_key(&StreamKey::with_session("s", "/b").unwrap());
+        let ops = [
+            append_op(&a, &[event(1, "id: 1\ndata: x\n\n"), event(2, "")]),
+            Op::SetCursor {
+                key: b.clone(),
+                cursor: Some(b"7".to_vec()),
+                at_ms: 42,
+            },
+            append_op(&b, &[event(3, "data: y\n\n")]),
+            Op::SetCursor {
+                key: a.clone(),
+                cursor: None,
+                at_ms: 43,
+            },
+        ];
+        let mut record = Vec::new();
+        for op in &ops {
+            encode_op(op, &mut record);
+        }
+        let decoded = decode_record(&record).unwrap();
+        assert_eq!(
+            decoded.iter().map(fields).collect::<Vec<_>>(),
+            ops.iter().map(fields).collect::<Vec<_>>()
+        );
+        // Any truncation is refused, never misread.
+        for len in 1..record.len() {
+            if let Ok(ops) = decode_record(&record[..len]) {
+                // Cut exactly between two requests: a prefix of them.
+                assert!(ops.len() < decoded.len(), "{len}");
+            }
+        }
+        assert!(decode_record(&[9, 0, 0, 0, 0]).is_err());
+    }
+
+    /// A file whose log holds writes (a crash before the writer applied them)
+    /// has them applied, in order, when it is opened, and its log emptied.
+    #[tokio::test]
+    async fn opening_applies_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let k = StreamKey::new("/a").unwrap();
+        let key = encode_key(&k);
+        drop(RedbStore::open(&path).unwrap());
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut log = txn.open_table(LOG).unwrap();
+                let mut record = Vec::new();
+                encode_op(
+                    &append_op(&key, &[event(1, "one"), event(2, "two")]),
+                    &mut record,
+                );
+                log.insert(7, record.as_slice()).unwrap();
+                record.clear();
+                encode_op(
+                    &append_op(&key, &[event(2, "TWO"), event(3, "three")]),
+                    &mut record,
+                );
+                encode_op(
+                    &Op::SetCursor {
+                        key: key.clone(),
+                        cursor: Some(b"2".to_vec()),
+                        at_ms: 5,
+                    },
+                    &mut record,
+                );
+                log.insert(8, record.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.last_seq(&k).await.unwrap(), 3);
+        // Seq 2 came twice: replaced, not counted twice.
+        assert_eq!(store.usage(&k).await.unwrap(), (3, 3 + 3 + 5));
+        assert_eq!(store.cursor(&k).await.unwrap(), Some(EventId::from_u64(2)));
+        let page = store.replay(&k, &EventId::from_u64(1), 10).await.unwrap();
+        let raws: Vec<_> = page.events.iter().map(|e| e.raw.clone()).collect();
+        assert_eq!(raws, [Bytes::from("TWO"), Bytes::from("three")]);
+        drop(store);
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        assert!(txn.open_table(LOG).unwrap().is_empty().unwrap());
+    }
+
+    /// Appends without reads are applied once enough is logged, and a read
+    /// of a stream with logged writes sees them (the writer applies the log first).
+    #[tokio::test]
+    async fn the_log_is_applied_when_full_and_before_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+        let k = StreamKey::new("/a").unwrap();
+        store.append(&k, vec![event(1, "x")]).await.unwrap();
+        assert!(store.shared.logged().contains(&encode_key(&k)));
+        assert_eq!(store.last_seq(&k).await.unwrap(), 1);
+        assert!(store.shared.logged().is_empty());
+
+        // Appends of 1,000 events: the ninth fills the log, which is applied
+        // right after that commit, so after the tenth the log holds one record.
+        let mut seq = 1;
+        for _ in 0..APPLY_EVENTS / 1000 + 2 {
+            let events = (0..1000)
+                .map(|_| {
+                    seq += 1;
+                    event(seq, "x")
+                })
+                .collect();
+            store.append(&k, events).await.unwrap();
+        }
+        let records = store
+            .shared
+            .with_db(|db| Ok(db.begin_read()?.open_table(LOG)?.len()?))
+            .unwrap();
+        assert_eq!(records, 1);
+        assert_eq!(store.last_seq(&k).await.unwrap(), seq);
+        // 10,001 events, of which the default retention keeps 10,000.
+        assert_eq!(seq, 10_001);
+        assert_eq!(store.usage(&k).await.unwrap(), (10_000, 10_000));
+    }
 }
