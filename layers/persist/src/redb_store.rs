@@ -341,6 +341,11 @@ impl RedbStoreBuilder {
 ///   batches hold several requests, the writer waits up to a quarter of the
 ///   previous commit's time (at most 1 ms, and only while requests keep
 ///   arriving) for the writers it just acknowledged; a lone writer never waits.
+///   With [`Durability::Immediate`] such a commit writes the batch as one
+///   record of a log table, so its cost hardly depends on how many streams it
+///   spans; the writer applies the log to the per-stream tables every 8192
+///   events (and before other writes, and before a read of a stream with
+///   logged writes: reads always see every acknowledged write).
 ///   [`RedbStore::commits`] counts the transactions.
 /// - **Failures are answers.** A full disk or another I/O error fails the
 ///   requests of the batch with [`StoreError::Unavailable`]; the writer reopens
@@ -1930,14 +1935,14 @@ mod tests {
         }
     }
 
-    /// The fields of a logged request, for comparisons.
-    fn fields(
-        op: &Op,
-    ) -> (
+    /// A logged request's stream, events (seq, ID, raw length, value) and cursor (cursor, time).
+    type Fields = (
         Vec<u8>,
         Vec<(u64, Vec<u8>, u64, Vec<u8>)>,
         Option<(Option<Vec<u8>>, u64)>,
-    ) {
+    );
+
+    fn fields(op: &Op) -> Fields {
         match op {
             Op::Append { key, events } => (
                 key.clone(),
