@@ -32,7 +32,7 @@
 //! (reads wait for that, so they always see every acknowledged write). If a
 //! crash comes first, opening the file applies the log.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
 use std::ops::Bound;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -278,7 +278,7 @@ impl RedbStoreBuilder {
             failed: AtomicBool::new(false),
             commits: AtomicU64::new(0),
             rolled_back,
-            logged: Mutex::new(HashSet::new()),
+            logged: Mutex::new(HashMap::new()),
         });
 
         let (tx, rx) = mpsc::channel(self.queue_capacity);
@@ -451,7 +451,7 @@ impl RedbStore {
     /// Events and bytes of events held for a stream.
     pub async fn usage(&self, key: &StreamKey) -> Result<(u64, u64), StoreError> {
         let key = encode_key(key);
-        self.settle(Some(&key)).await?;
+        self.settle(Some(&key), false).await?;
         self.read(move |shared| {
             Ok(shared
                 .meta(&key)?
@@ -462,7 +462,7 @@ impl RedbStore {
 
     /// How many streams the store holds (with events or a cursor).
     pub async fn stream_count(&self) -> Result<u64, StoreError> {
-        self.settle(None).await?;
+        self.settle(None, true).await?;
         self.read(|shared| {
             shared.with_db(|db| {
                 let txn = db.begin_read()?;
@@ -479,13 +479,15 @@ impl RedbStore {
         Ok(self.submit(Op::Compact).await? != 0)
     }
 
-    /// Has the writer apply its log first when it holds writes to `key` (to any
-    /// stream with `None`), so that a read sees every acknowledged write.
-    async fn settle(&self, key: Option<&[u8]>) -> Result<(), StoreError> {
+    /// Has the writer apply its log first when it holds writes the read
+    /// depends on (so that it sees every acknowledged write): events of `key`,
+    /// any write to `key` with `cursor`, any write at all with `None`. A cursor
+    /// stored while its stream replays does not hold up the next page.
+    async fn settle(&self, key: Option<&[u8]>, cursor: bool) -> Result<(), StoreError> {
         let logged = {
             let logged = self.shared.logged();
             match key {
-                Some(key) => logged.contains(key),
+                Some(key) => logged.get(key).is_some_and(|&events| events || cursor),
                 None => !logged.is_empty(),
             }
         };
@@ -581,7 +583,7 @@ impl EventStore for RedbStore {
         let key = encode_key(key);
         let after = after.detached();
         Box::pin(async move {
-            self.settle(Some(&key)).await?;
+            self.settle(Some(&key), false).await?;
             self.read(move |shared| shared.replay(&key, &after, limit))
                 .await
         })
@@ -594,7 +596,7 @@ impl EventStore for RedbStore {
     ) -> BoxFuture<'a, Result<Vec<EventId>, StoreError>> {
         let key = encode_key(key);
         Box::pin(async move {
-            self.settle(Some(&key)).await?;
+            self.settle(Some(&key), false).await?;
             self.read(move |shared| shared.recent_ids(&key, limit))
                 .await
         })
@@ -603,7 +605,7 @@ impl EventStore for RedbStore {
     fn last_seq<'a>(&'a self, key: &'a StreamKey) -> BoxFuture<'a, Result<u64, StoreError>> {
         let key = encode_key(key);
         Box::pin(async move {
-            self.settle(Some(&key)).await?;
+            self.settle(Some(&key), false).await?;
             self.read(move |shared| Ok(shared.meta(&key)?.map_or(0, |m| m.last_seq)))
                 .await
         })
@@ -615,7 +617,7 @@ impl EventStore for RedbStore {
     ) -> BoxFuture<'a, Result<Option<EventId>, StoreError>> {
         let key = encode_key(key);
         Box::pin(async move {
-            self.settle(Some(&key)).await?;
+            self.settle(Some(&key), true).await?;
             self.read(
                 move |shared| match shared.meta(&key)?.and_then(|m| m.cursor) {
                     Some(bytes) => decode_id(&bytes).map(Some).map_err(|e| shared.error(e)),
@@ -699,13 +701,14 @@ struct Shared {
     /// Write transactions committed.
     commits: AtomicU64,
     rolled_back: Arc<AtomicBool>,
-    /// Streams with logged writes not yet applied to the per-stream tables. A
-    /// read of one of them first has the writer apply the log.
-    logged: Mutex<HashSet<Vec<u8>>>,
+    /// Streams with logged writes not yet applied to the per-stream tables,
+    /// and whether those include events (or only a cursor). A read that
+    /// depends on them first has the writer apply the log.
+    logged: Mutex<HashMap<Vec<u8>, bool>>,
 }
 
 impl Shared {
-    fn logged(&self) -> MutexGuard<'_, HashSet<Vec<u8>>> {
+    fn logged(&self) -> MutexGuard<'_, HashMap<Vec<u8>, bool>> {
         self.logged.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -1407,7 +1410,10 @@ impl Writer {
             let mut logged = shared.logged();
             for req in batch {
                 let key = req.op.stream().unwrap_or_default();
-                if !logged.contains(key) {
+                let events = matches!(req.op, Op::Append { .. });
+                if let Some(has_events) = logged.get_mut(key) {
+                    *has_events |= events;
+                } else {
                     if streams.get(key)?.is_none() {
                         let held = streams.len()? + self.logged_new_streams;
                         if held >= shared.retention.max_streams as u64 {
@@ -1418,7 +1424,7 @@ impl Writer {
                     }
                     // Before the acknowledgement: a read of the stream from
                     // then on has the log applied first.
-                    logged.insert(key.to_vec());
+                    logged.insert(key.to_vec(), events);
                 }
                 encode_op(&req.op, &mut self.record);
                 results.push(Ok(0));
@@ -2055,7 +2061,7 @@ mod tests {
         let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
         let k = StreamKey::new("/a").unwrap();
         store.append(&k, vec![event(1, "x")]).await.unwrap();
-        assert!(store.shared.logged().contains(&encode_key(&k)));
+        assert_eq!(store.shared.logged().get(&encode_key(&k)), Some(&true));
         assert_eq!(store.last_seq(&k).await.unwrap(), 1);
         assert!(store.shared.logged().is_empty());
 
