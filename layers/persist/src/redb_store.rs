@@ -2053,6 +2053,43 @@ mod tests {
         assert!(txn.open_table(LOG).unwrap().is_empty().unwrap());
     }
 
+    /// A file of the layout before the log (format 1: no log table) opens,
+    /// keeps its history and is upgraded; an unknown format is refused.
+    #[tokio::test]
+    async fn a_format_1_file_is_upgraded_and_an_unknown_format_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let k = StreamKey::new("/a").unwrap();
+        {
+            let store = RedbStore::open(&path).unwrap();
+            store.append(&k, vec![event(1, "one")]).await.unwrap();
+        }
+        let set_format = |format: &[u8]| {
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("format", format)
+                .unwrap();
+            txn.delete_table(LOG).unwrap();
+            txn.commit().unwrap();
+        };
+        set_format(FORMAT_V1);
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.last_seq(&k).await.unwrap(), 1);
+        store.append(&k, vec![event(2, "two")]).await.unwrap();
+        drop(store);
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_read().unwrap();
+            let meta = txn.open_table(META).unwrap();
+            assert_eq!(meta.get("format").unwrap().unwrap().value(), FORMAT);
+        }
+        set_format(b"tower-sse-redb/9");
+        let err = RedbStore::open(&path).unwrap_err();
+        assert!(matches!(err, StoreOpenError::Format { .. }), "{err}");
+    }
+
     /// Appends without reads are applied once enough is logged, and a read
     /// of a stream with logged writes sees them (the writer applies the log first).
     #[tokio::test]
