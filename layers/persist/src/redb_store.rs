@@ -1,6 +1,6 @@
 //! The redb backend of [`EventStore`]: durable history and cursors in one file.
 //!
-//! Layout (one redb file, four tables):
+//! Layout (one redb file, five tables):
 //!
 //! | table                | key                    | value                                     |
 //! |----------------------|------------------------|-------------------------------------------|
@@ -8,6 +8,7 @@
 //! | `tower_sse_events`   | (stream, seq)          | stored time, event ID, wire bytes         |
 //! | `tower_sse_ids`      | (stream, event ID)     | seq (only for IDs that do not name their seq) |
 //! | `tower_sse_streams`  | stream                 | last seq, bytes, event count, touched time, cursor |
+//! | `tower_sse_log`      | log position           | the writes of one group commit, not yet applied |
 //!
 //! "stream" is the [`StreamKey`] encoded unambiguously: a tag byte for "no
 //! session" or "session", the session length-prefixed, then the resource.
@@ -19,13 +20,25 @@
 //! that commits whatever is queued (up to a batch cap) in a single transaction
 //! and then acknowledges every request of the batch: group commit. Reads run
 //! in read transactions of their own, concurrently with the writer.
+//!
+//! With [`Durability::Immediate`] a group commit of appends and cursors does
+//! not touch the per-stream tables: it writes the batch as one record at the
+//! end of `tower_sse_log` (a few pages, however many streams the batch spans)
+//! and fsyncs that. The writer keeps the logged requests in memory and applies
+//! them to the per-stream tables later, many commits at once (so each stream's
+//! B-tree leaf is rewritten once per many events instead of once per commit),
+//! in the transaction that also empties the log: when enough is logged, before
+//! any other kind of write, and before a read of a stream with logged writes
+//! (reads wait for that, so they always see every acknowledged write). If a
+//! crash comes first, opening the file applies the log.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::ops::Bound;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -42,9 +55,18 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("tower_sse_meta"
 const EVENTS: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("tower_sse_events");
 const IDS: TableDefinition<(&[u8], &[u8]), u64> = TableDefinition::new("tower_sse_ids");
 const STREAMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tower_sse_streams");
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("tower_sse_log");
 
 /// The layout version written into new files; a file with another one is refused.
-const FORMAT: &[u8] = b"tower-sse-redb/1";
+const FORMAT: &[u8] = b"tower-sse-redb/2";
+/// The layout before the log table: read, and upgraded on open (the log is new;
+/// an older version must not open a file whose log it would ignore).
+const FORMAT_V1: &[u8] = b"tower-sse-redb/1";
+
+/// Logged writes held before the writer applies them to the per-stream tables:
+/// events (a cursor counts as one) and bytes.
+const APPLY_EVENTS: usize = 8192;
+const APPLY_BYTES: usize = 8 << 20;
 
 /// How a commit of the writer thread reaches the disk.
 ///
@@ -246,6 +268,7 @@ impl RedbStoreBuilder {
             },
             InitError::Redb(e) => open_error(&self.path, e),
         })?;
+        recover(&db, self.retention).map_err(|e| open_error(&self.path, e))?;
         let shared = Arc::new(Shared {
             path: self.path.clone(),
             epoch,
@@ -255,6 +278,7 @@ impl RedbStoreBuilder {
             failed: AtomicBool::new(false),
             commits: AtomicU64::new(0),
             rolled_back,
+            logged: Mutex::new(HashMap::new()),
         });
 
         let (tx, rx) = mpsc::channel(self.queue_capacity);
@@ -267,6 +291,12 @@ impl RedbStoreBuilder {
             unsynced: false,
             last_batch: 0,
             last_commit: Duration::ZERO,
+            logged: Vec::new(),
+            logged_events: 0,
+            logged_bytes: 0,
+            logged_new_streams: 0,
+            log_next: 0,
+            record: Vec::new(),
         };
         let thread_error = |source| StoreOpenError::Thread {
             path: self.path.clone(),
@@ -311,6 +341,11 @@ impl RedbStoreBuilder {
 ///   batches hold several requests, the writer waits up to a quarter of the
 ///   previous commit's time (at most 1 ms, and only while requests keep
 ///   arriving) for the writers it just acknowledged; a lone writer never waits.
+///   With [`Durability::Immediate`] such a commit writes the batch as one
+///   record of a log table, so its cost hardly depends on how many streams it
+///   spans; the writer applies the log to the per-stream tables every 8192
+///   events (and before other writes, and before a read of a stream with
+///   logged writes: reads always see every acknowledged write).
 ///   [`RedbStore::commits`] counts the transactions.
 /// - **Failures are answers.** A full disk or another I/O error fails the
 ///   requests of the batch with [`StoreError::Unavailable`]; the writer reopens
@@ -416,6 +451,7 @@ impl RedbStore {
     /// Events and bytes of events held for a stream.
     pub async fn usage(&self, key: &StreamKey) -> Result<(u64, u64), StoreError> {
         let key = encode_key(key);
+        self.settle(Some(&key), false).await?;
         self.read(move |shared| {
             Ok(shared
                 .meta(&key)?
@@ -426,6 +462,7 @@ impl RedbStore {
 
     /// How many streams the store holds (with events or a cursor).
     pub async fn stream_count(&self) -> Result<u64, StoreError> {
+        self.settle(None, true).await?;
         self.read(|shared| {
             shared.with_db(|db| {
                 let txn = db.begin_read()?;
@@ -440,6 +477,24 @@ impl RedbStore {
     /// file). Reads wait meanwhile. Returns whether anything was compacted.
     pub async fn compact(&self) -> Result<bool, StoreError> {
         Ok(self.submit(Op::Compact).await? != 0)
+    }
+
+    /// Has the writer apply its log first when it holds writes the read
+    /// depends on (so that it sees every acknowledged write): events of `key`,
+    /// any write to `key` with `cursor`, any write at all with `None`. A cursor
+    /// stored while its stream replays does not hold up the next page.
+    async fn settle(&self, key: Option<&[u8]>, cursor: bool) -> Result<(), StoreError> {
+        let logged = {
+            let logged = self.shared.logged();
+            match key {
+                Some(key) => logged.get(key).is_some_and(|&events| events || cursor),
+                None => !logged.is_empty(),
+            }
+        };
+        if logged {
+            self.submit(Op::Settle).await?;
+        }
+        Ok(())
     }
 
     fn read<T, F>(&self, f: F) -> impl std::future::Future<Output = Result<T, StoreError>> + Send
@@ -527,7 +582,11 @@ impl EventStore for RedbStore {
     ) -> BoxFuture<'a, Result<ReplayPage, StoreError>> {
         let key = encode_key(key);
         let after = after.detached();
-        Box::pin(self.read(move |shared| shared.replay(&key, &after, limit)))
+        Box::pin(async move {
+            self.settle(Some(&key), false).await?;
+            self.read(move |shared| shared.replay(&key, &after, limit))
+                .await
+        })
     }
 
     fn recent_ids<'a>(
@@ -536,12 +595,20 @@ impl EventStore for RedbStore {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<EventId>, StoreError>> {
         let key = encode_key(key);
-        Box::pin(self.read(move |shared| shared.recent_ids(&key, limit)))
+        Box::pin(async move {
+            self.settle(Some(&key), false).await?;
+            self.read(move |shared| shared.recent_ids(&key, limit))
+                .await
+        })
     }
 
     fn last_seq<'a>(&'a self, key: &'a StreamKey) -> BoxFuture<'a, Result<u64, StoreError>> {
         let key = encode_key(key);
-        Box::pin(self.read(move |shared| Ok(shared.meta(&key)?.map_or(0, |m| m.last_seq))))
+        Box::pin(async move {
+            self.settle(Some(&key), false).await?;
+            self.read(move |shared| Ok(shared.meta(&key)?.map_or(0, |m| m.last_seq)))
+                .await
+        })
     }
 
     fn cursor<'a>(
@@ -549,12 +616,16 @@ impl EventStore for RedbStore {
         key: &'a StreamKey,
     ) -> BoxFuture<'a, Result<Option<EventId>, StoreError>> {
         let key = encode_key(key);
-        Box::pin(self.read(
-            move |shared| match shared.meta(&key)?.and_then(|m| m.cursor) {
-                Some(bytes) => decode_id(&bytes).map(Some).map_err(|e| shared.error(e)),
-                None => Ok(None),
-            },
-        ))
+        Box::pin(async move {
+            self.settle(Some(&key), true).await?;
+            self.read(
+                move |shared| match shared.meta(&key)?.and_then(|m| m.cursor) {
+                    Some(bytes) => decode_id(&bytes).map(Some).map_err(|e| shared.error(e)),
+                    None => Ok(None),
+                },
+            )
+            .await
+        })
     }
 
     fn set_cursor<'a>(
@@ -630,9 +701,17 @@ struct Shared {
     /// Write transactions committed.
     commits: AtomicU64,
     rolled_back: Arc<AtomicBool>,
+    /// Streams with logged writes not yet applied to the per-stream tables,
+    /// and whether those include events (or only a cursor). A read that
+    /// depends on them first has the writer apply the log.
+    logged: Mutex<HashMap<Vec<u8>, bool>>,
 }
 
 impl Shared {
+    fn logged(&self) -> MutexGuard<'_, HashMap<Vec<u8>, bool>> {
+        self.logged.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn db(&self) -> RwLockReadGuard<'_, Option<redb::Database>> {
         self.db.read().unwrap_or_else(PoisonError::into_inner)
     }
@@ -832,15 +911,17 @@ fn initialise(db: &redb::Database) -> Result<String, InitError> {
         txn.open_table(EVENTS)?;
         txn.open_table(IDS)?;
         txn.open_table(STREAMS)?;
+        txn.open_table(LOG)?;
         let format = meta.get("format")?.map(|f| f.value().to_vec());
         match format {
-            Some(found) if found != FORMAT => {
+            Some(found) if found == FORMAT => {}
+            Some(found) if found != FORMAT_V1 => {
                 return Err(InitError::Format(
                     String::from_utf8_lossy(&found).into_owned(),
                 ))
             }
-            Some(_) => {}
-            None => {
+            // New, or the layout before the log (the same tables, less the log).
+            _ => {
                 meta.insert("format", FORMAT)?;
             }
         }
@@ -858,6 +939,39 @@ fn initialise(db: &redb::Database) -> Result<String, InitError> {
     };
     txn.commit()?;
     Ok(epoch)
+}
+
+/// Applies what the log holds (writes acknowledged before a crash, or before
+/// an I/O error made the writer reopen the file) to the per-stream tables, and
+/// empties the log, in one durable transaction.
+fn recover(db: &redb::Database, retention: Retention) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    let mut applied = 0usize;
+    {
+        let mut log = txn.open_table(LOG)?;
+        if log.is_empty()? {
+            drop(log);
+            txn.abort()?;
+            return Ok(());
+        }
+        let mut tables = Tables::open(&txn, retention)?;
+        for entry in log.iter()? {
+            let (_, record) = entry?;
+            for op in decode_record(record.value())? {
+                if let Err(e) = tables.apply(&op)? {
+                    tracing::warn!(error = %e, "a logged write could not be applied");
+                }
+                applied += 1;
+            }
+        }
+        log.retain(|_, _| false)?;
+    }
+    txn.commit()?;
+    tracing::info!(
+        writes = applied,
+        "event store: applied the writes logged before the last close"
+    );
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -886,6 +1000,8 @@ enum Op {
     /// The periodic durable commit of [`Durability::Eventual`].
     Tick,
     Compact,
+    /// Applies the log to the per-stream tables (before a read).
+    Settle,
 }
 
 impl Op {
@@ -894,6 +1010,27 @@ impl Op {
             self,
             Op::Append { .. } | Op::SetCursor { .. } | Op::DeleteExpired { .. }
         )
+    }
+
+    /// Whether a durable group commit may log the request instead of applying it.
+    fn loggable(&self) -> bool {
+        matches!(self, Op::Append { .. } | Op::SetCursor { .. })
+    }
+
+    /// The stream a loggable request writes to.
+    fn stream(&self) -> Option<&[u8]> {
+        match self {
+            Op::Append { key, .. } | Op::SetCursor { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+
+    /// Events the request adds to the log (a cursor counts as one).
+    fn events(&self) -> usize {
+        match self {
+            Op::Append { events, .. } => events.len(),
+            _ => 1,
+        }
     }
 
     fn forces_sync(&self) -> bool {
@@ -926,6 +1063,111 @@ impl Prepared {
             value: encode_event(ev),
         }
     }
+
+    /// An event read back from a log record: its sequence number and table value.
+    fn decode(seq: u64, value: &[u8]) -> Result<Self, redb::Error> {
+        let (_, id, raw) = split_event(value)?;
+        Ok(Prepared {
+            seq,
+            id: decode_id(id)?,
+            raw_len: raw.len() as u64,
+            value: value.to_vec(),
+        })
+    }
+}
+
+// A log record is the loggable requests of one group commit, one after the other:
+//   append:     0, key length (u32 LE), key, event count (u32 LE),
+//               then per event: seq (u64 LE), value length (u32 LE), value
+//   set_cursor: 1, key length (u32 LE), key, at_ms (u64 LE),
+//               then 0, or 1, cursor length (u32 LE), cursor
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    // Keys, values and cursors are far below 4 GiB (events are bounded by the batch cap).
+    out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Appends `op` (loggable) to a log record.
+fn encode_op(op: &Op, out: &mut Vec<u8>) {
+    match op {
+        Op::Append { key, events } => {
+            out.push(0);
+            put_bytes(out, key);
+            let count = u32::try_from(events.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&count.to_le_bytes());
+            for ev in events {
+                out.extend_from_slice(&ev.seq.to_le_bytes());
+                put_bytes(out, &ev.value);
+            }
+        }
+        Op::SetCursor { key, cursor, at_ms } => {
+            out.push(1);
+            put_bytes(out, key);
+            out.extend_from_slice(&at_ms.to_le_bytes());
+            match cursor {
+                Some(c) => {
+                    out.push(1);
+                    put_bytes(out, c);
+                }
+                None => out.push(0),
+            }
+        }
+        _ => debug_assert!(false, "only appends and cursors are logged"),
+    }
+}
+
+/// Reads a log record back into its requests.
+fn decode_record(mut record: &[u8]) -> Result<Vec<Op>, redb::Error> {
+    fn take<'r>(record: &mut &'r [u8], n: usize) -> Result<&'r [u8], redb::Error> {
+        if record.len() < n {
+            return Err(corrupt("log"));
+        }
+        let (head, rest) = record.split_at(n);
+        *record = rest;
+        Ok(head)
+    }
+    fn u32_le(record: &mut &[u8]) -> Result<usize, redb::Error> {
+        let b = take(record, 4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    }
+    fn u64_le(record: &mut &[u8]) -> Result<u64, redb::Error> {
+        let b = take(record, 8)?;
+        Ok(u64::from_le_bytes(
+            b.try_into().map_err(|_| corrupt("log"))?,
+        ))
+    }
+    fn bytes<'r>(record: &mut &'r [u8]) -> Result<&'r [u8], redb::Error> {
+        let n = u32_le(record)?;
+        take(record, n)
+    }
+    let mut ops = Vec::new();
+    while let Some(&tag) = record.first() {
+        record = &record[1..];
+        let key = bytes(&mut record)?.to_vec();
+        match tag {
+            0 => {
+                let count = u32_le(&mut record)?;
+                let mut events = Vec::with_capacity(count.min(4096));
+                for _ in 0..count {
+                    let seq = u64_le(&mut record)?;
+                    events.push(Prepared::decode(seq, bytes(&mut record)?)?);
+                }
+                ops.push(Op::Append { key, events });
+            }
+            1 => {
+                let at_ms = u64_le(&mut record)?;
+                let cursor = match take(&mut record, 1)?[0] {
+                    0 => None,
+                    1 => Some(bytes(&mut record)?.to_vec()),
+                    _ => return Err(corrupt("log")),
+                };
+                ops.push(Op::SetCursor { key, cursor, at_ms });
+            }
+            _ => return Err(corrupt("log")),
+        }
+    }
+    Ok(ops)
 }
 
 /// Sends a `Tick` every `every` until `stop` is dropped. A full queue skips
@@ -949,6 +1191,17 @@ struct Writer {
     last_batch: usize,
     /// How long the previous commit took.
     last_commit: Duration,
+    /// Requests logged (committed in `tower_sse_log`) but not yet applied to
+    /// the per-stream tables, in commit order.
+    logged: Vec<Op>,
+    logged_events: usize,
+    logged_bytes: usize,
+    /// Streams the logged requests create (for the `max_streams` bound).
+    logged_new_streams: u64,
+    /// The key of the next log record.
+    log_next: u64,
+    /// The log record being built (reused from batch to batch).
+    record: Vec<u8>,
 }
 
 /// The longest the writer waits for more requests before committing.
@@ -997,8 +1250,9 @@ impl Writer {
             self.last_batch = batch.len();
             self.process(&mut batch);
         }
-        // Every sender is gone and the queue is drained: make the last commits durable.
-        if self.unsynced {
+        // Every sender is gone and the queue is drained: apply the log and make
+        // the last commits durable.
+        if self.unsynced || !self.logged.is_empty() {
             let mut last = vec![];
             let (ack, _) = oneshot::channel();
             last.push(Request { op: Op::Flush, ack });
@@ -1039,16 +1293,27 @@ impl Writer {
                 return;
             }
         }
+        // A durable group commit of appends and cursors only goes to the log.
+        let log = self.durability == Durability::Immediate && batch.iter().all(|r| r.op.loggable());
         let durable = match self.durability {
             Durability::Immediate => true,
             Durability::Eventual { sync_every } => {
                 batch.iter().any(|r| r.op.forces_sync()) || self.last_sync.elapsed() >= sync_every
             }
         };
-        let needs_commit = batch.iter().any(|r| r.op.writes()) || (durable && self.unsynced);
+        let needs_commit = log
+            || batch.iter().any(|r| r.op.writes())
+            || (durable && self.unsynced)
+            || !self.logged.is_empty();
         let mut results: Vec<Result<u64, StoreError>> = if needs_commit {
             let started = Instant::now();
-            let outcome = catch_unwind(AssertUnwindSafe(|| self.commit(batch, durable)));
+            let outcome = catch_unwind(AssertUnwindSafe(|| {
+                if log {
+                    self.commit_log(batch)
+                } else {
+                    self.commit(batch, durable)
+                }
+            }));
             self.last_commit = started.elapsed();
             let failure = match outcome {
                 Ok(Ok(results)) => {
@@ -1058,6 +1323,11 @@ impl Writer {
                         self.unsynced = false;
                     } else {
                         self.unsynced = true;
+                    }
+                    if !log {
+                        // The log was applied in this commit.
+                        self.clear_log();
+                        self.shared.logged().clear();
                     }
                     Ok(results)
                 }
@@ -1091,15 +1361,87 @@ impl Writer {
                 *result = self.compact().map(u64::from);
             }
         }
-        for (req, result) in batch.drain(..).zip(results) {
-            let _ = req.ack.send(result);
+        for (Request { op, ack }, result) in batch.drain(..).zip(results) {
+            let logged = log && result.is_ok();
+            let _ = ack.send(result);
+            if logged {
+                self.logged_events += op.events();
+                self.logged_bytes += op.weight();
+                self.logged.push(op);
+            }
         }
         if self.shared.failed.load(Ordering::Acquire) {
             // Reopen now, so that reads work again before the next write.
             if let Err(e) = self.reopen() {
                 tracing::warn!(error = %e, "reopening the event store failed; retrying on the next write");
             }
+        } else if self.logged_events >= APPLY_EVENTS || self.logged_bytes >= APPLY_BYTES {
+            let (ack, _) = oneshot::channel();
+            self.process(&mut vec![Request {
+                op: Op::Settle,
+                ack,
+            }]);
         }
+    }
+
+    /// Forgets the logged requests (applied, or left to [`recover`] after a reopen).
+    fn clear_log(&mut self) {
+        self.logged.clear();
+        self.logged_events = 0;
+        self.logged_bytes = 0;
+        self.logged_new_streams = 0;
+    }
+
+    /// The group commit of appends and cursors in [`Durability::Immediate`]:
+    /// one record at the end of the log, fsynced. The per-stream tables are
+    /// only read, to refuse a request that would create one stream too many.
+    fn commit_log(
+        &mut self,
+        batch: &[Request],
+    ) -> Result<Vec<Result<u64, StoreError>>, WriteError> {
+        let shared = self.shared.clone();
+        let guard = shared.db();
+        let db = guard.as_ref().ok_or(WriteError::Closed)?;
+        let txn = db.begin_write()?;
+        let mut results = Vec::with_capacity(batch.len());
+        self.record.clear();
+        {
+            let streams = txn.open_table(STREAMS)?;
+            let mut logged = shared.logged();
+            for req in batch {
+                let key = req.op.stream().unwrap_or_default();
+                let events = matches!(req.op, Op::Append { .. });
+                if let Some(has_events) = logged.get_mut(key) {
+                    *has_events |= events;
+                } else {
+                    if streams.get(key)?.is_none() {
+                        let held = streams.len()? + self.logged_new_streams;
+                        if held >= shared.retention.max_streams as u64 {
+                            results.push(Err(too_many_streams()));
+                            continue;
+                        }
+                        self.logged_new_streams += 1;
+                    }
+                    // Before the acknowledgement: a read of the stream from
+                    // then on has the log applied first.
+                    logged.insert(key.to_vec(), events);
+                }
+                encode_op(&req.op, &mut self.record);
+                results.push(Ok(0));
+            }
+        }
+        if self.record.is_empty() {
+            txn.abort()?;
+            return Ok(results);
+        }
+        txn.open_table(LOG)?
+            .insert(self.log_next, self.record.as_slice())?;
+        self.log_next += 1;
+        txn.commit()?;
+        if self.record.capacity() > 2 * self.max_batch_bytes {
+            self.record = Vec::new();
+        }
+        Ok(results)
     }
 
     fn commit(
@@ -1115,21 +1457,19 @@ impl Writer {
         }
         let mut results = Vec::with_capacity(batch.len());
         {
-            let mut tables = Tables {
-                events: txn.open_table(EVENTS)?,
-                ids: txn.open_table(IDS)?,
-                streams: txn.open_table(STREAMS)?,
-                retention: self.shared.retention,
-            };
-            for req in batch {
-                results.push(match &req.op {
-                    Op::Append { key, events } => tables.append(key, events)?,
-                    Op::SetCursor { key, cursor, at_ms } => {
-                        tables.set_cursor(key, cursor.as_deref(), *at_ms)?
+            let mut tables = Tables::open(&txn, self.shared.retention)?;
+            // First what the log holds, in order, then empty the log.
+            if !self.logged.is_empty() {
+                for op in &self.logged {
+                    if let Err(e) = tables.apply(op)? {
+                        // Checked when logged; only a stream limit lowered since could refuse it.
+                        tracing::warn!(error = %e, "a logged write could not be applied");
                     }
-                    Op::DeleteExpired { cutoff_ms } => Ok(tables.delete_expired(*cutoff_ms)?),
-                    Op::Flush | Op::Tick | Op::Compact => Ok(0),
-                });
+                }
+                txn.open_table(LOG)?.retain(|_, _| false)?;
+            }
+            for req in batch {
+                results.push(tables.apply(&req.op)?);
             }
         }
         txn.commit()?;
@@ -1158,8 +1498,11 @@ impl Writer {
         }
     }
 
-    /// Closes the database and opens the file again: what redb asks for after an I/O error.
-    fn reopen(&self) -> Result<(), StoreError> {
+    /// Closes the database and opens the file again: what redb asks for after
+    /// an I/O error. The writes logged (and acknowledged) before are in the
+    /// file's log, and are applied again from there.
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        self.clear_log();
         let mut slot = self
             .shared
             .db
@@ -1176,7 +1519,9 @@ impl Writer {
             &self.shared.rolled_back,
         )
         .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        recover(&db, self.shared.retention).map_err(|e| self.shared.error(e))?;
         *slot = Some(db);
+        self.shared.logged().clear();
         self.shared.failed.store(false, Ordering::Release);
         tracing::info!(path = %self.shared.path.display(), "event store reopened");
         Ok(())
@@ -1198,7 +1543,26 @@ struct Tables<'t> {
 /// answers one request that was refused before it wrote anything.
 type OpResult = Result<Result<u64, StoreError>, redb::Error>;
 
-impl Tables<'_> {
+impl<'t> Tables<'t> {
+    fn open(txn: &'t redb::WriteTransaction, retention: Retention) -> Result<Self, redb::Error> {
+        Ok(Tables {
+            events: txn.open_table(EVENTS)?,
+            ids: txn.open_table(IDS)?,
+            streams: txn.open_table(STREAMS)?,
+            retention,
+        })
+    }
+
+    /// Applies one write request.
+    fn apply(&mut self, op: &Op) -> OpResult {
+        match op {
+            Op::Append { key, events } => self.append(key, events),
+            Op::SetCursor { key, cursor, at_ms } => self.set_cursor(key, cursor.as_deref(), *at_ms),
+            Op::DeleteExpired { cutoff_ms } => Ok(Ok(self.delete_expired(*cutoff_ms)?)),
+            Op::Flush | Op::Tick | Op::Compact | Op::Settle => Ok(Ok(0)),
+        }
+    }
+
     /// The stream's record, or a new one when the store may hold one more stream.
     fn load_or_create(&self, key: &[u8]) -> Result<Option<StreamMeta>, redb::Error> {
         if let Some(found) = self.streams.get(key)? {
@@ -1559,5 +1923,205 @@ mod tests {
         assert_eq!(decode_event(4, &encode_event(&ev)).unwrap(), ev);
         assert_eq!(stored_at(&encode_event(&ev)), 123);
         assert!(decode_event(4, b"\x00\x01").is_err());
+    }
+
+    fn event(seq: u64, raw: &str) -> StoredEvent {
+        StoredEvent {
+            seq,
+            id: EventId::from_u64(seq),
+            raw: Bytes::from(raw.to_owned()),
+            stored_at_ms: 1_000 + seq,
+        }
+    }
+
+    fn append_op(key: &[u8], events: &[StoredEvent]) -> Op {
+        Op::Append {
+            key: key.to_vec(),
+            events: events.iter().map(Prepared::new).collect(),
+        }
+    }
+
+    /// A logged request's stream, events (seq, ID, raw length, value) and cursor (cursor, time).
+    type Fields = (
+        Vec<u8>,
+        Vec<(u64, Vec<u8>, u64, Vec<u8>)>,
+        Option<(Option<Vec<u8>>, u64)>,
+    );
+
+    fn fields(op: &Op) -> Fields {
+        match op {
+            Op::Append { key, events } => (
+                key.clone(),
+                events
+                    .iter()
+                    .map(|e| (e.seq, e.id.as_bytes().to_vec(), e.raw_len, e.value.clone()))
+                    .collect(),
+                None,
+            ),
+            Op::SetCursor { key, cursor, at_ms } => {
+                (key.clone(), vec![], Some((cursor.clone(), *at_ms)))
+            }
+            _ => unreachable!("not loggable"),
+        }
+    }
+
+    #[test]
+    fn log_records_round_trip() {
+        let a = encode_key(&StreamKey::new("/a").unwrap());
+        let b = encode_key(&StreamKey::with_session("s", "/b").unwrap());
+        let ops = [
+            append_op(&a, &[event(1, "id: 1\ndata: x\n\n"), event(2, "")]),
+            Op::SetCursor {
+                key: b.clone(),
+                cursor: Some(b"7".to_vec()),
+                at_ms: 42,
+            },
+            append_op(&b, &[event(3, "data: y\n\n")]),
+            Op::SetCursor {
+                key: a.clone(),
+                cursor: None,
+                at_ms: 43,
+            },
+        ];
+        let mut record = Vec::new();
+        for op in &ops {
+            encode_op(op, &mut record);
+        }
+        let decoded = decode_record(&record).unwrap();
+        assert_eq!(
+            decoded.iter().map(fields).collect::<Vec<_>>(),
+            ops.iter().map(fields).collect::<Vec<_>>()
+        );
+        // Any truncation is refused, never misread.
+        for len in 1..record.len() {
+            if let Ok(ops) = decode_record(&record[..len]) {
+                // Cut exactly between two requests: a prefix of them.
+                assert!(ops.len() < decoded.len(), "{len}");
+            }
+        }
+        assert!(decode_record(&[9, 0, 0, 0, 0]).is_err());
+    }
+
+    /// A file whose log holds writes (a crash before the writer applied them)
+    /// has them applied, in order, when it is opened, and its log emptied.
+    #[tokio::test]
+    async fn opening_applies_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let k = StreamKey::new("/a").unwrap();
+        let key = encode_key(&k);
+        drop(RedbStore::open(&path).unwrap());
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut log = txn.open_table(LOG).unwrap();
+                let mut record = Vec::new();
+                encode_op(
+                    &append_op(&key, &[event(1, "one"), event(2, "two")]),
+                    &mut record,
+                );
+                log.insert(7, record.as_slice()).unwrap();
+                record.clear();
+                encode_op(
+                    &append_op(&key, &[event(2, "TWO"), event(3, "three")]),
+                    &mut record,
+                );
+                encode_op(
+                    &Op::SetCursor {
+                        key: key.clone(),
+                        cursor: Some(b"2".to_vec()),
+                        at_ms: 5,
+                    },
+                    &mut record,
+                );
+                log.insert(8, record.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.last_seq(&k).await.unwrap(), 3);
+        // Seq 2 came twice: replaced, not counted twice.
+        assert_eq!(store.usage(&k).await.unwrap(), (3, 3 + 3 + 5));
+        assert_eq!(store.cursor(&k).await.unwrap(), Some(EventId::from_u64(2)));
+        let page = store.replay(&k, &EventId::from_u64(1), 10).await.unwrap();
+        let raws: Vec<_> = page.events.iter().map(|e| e.raw.clone()).collect();
+        assert_eq!(raws, [Bytes::from("TWO"), Bytes::from("three")]);
+        drop(store);
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        assert!(txn.open_table(LOG).unwrap().is_empty().unwrap());
+    }
+
+    /// A file of the layout before the log (format 1: no log table) opens,
+    /// keeps its history and is upgraded; an unknown format is refused.
+    #[tokio::test]
+    async fn a_format_1_file_is_upgraded_and_an_unknown_format_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let k = StreamKey::new("/a").unwrap();
+        {
+            let store = RedbStore::open(&path).unwrap();
+            store.append(&k, vec![event(1, "one")]).await.unwrap();
+        }
+        let set_format = |format: &[u8]| {
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("format", format)
+                .unwrap();
+            txn.delete_table(LOG).unwrap();
+            txn.commit().unwrap();
+        };
+        set_format(FORMAT_V1);
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.last_seq(&k).await.unwrap(), 1);
+        store.append(&k, vec![event(2, "two")]).await.unwrap();
+        drop(store);
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_read().unwrap();
+            let meta = txn.open_table(META).unwrap();
+            assert_eq!(meta.get("format").unwrap().unwrap().value(), FORMAT);
+        }
+        set_format(b"tower-sse-redb/9");
+        let err = RedbStore::open(&path).unwrap_err();
+        assert!(matches!(err, StoreOpenError::Format { .. }), "{err}");
+    }
+
+    /// Appends without reads are applied once enough is logged, and a read
+    /// of a stream with logged writes sees them (the writer applies the log first).
+    #[tokio::test]
+    async fn the_log_is_applied_when_full_and_before_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+        let k = StreamKey::new("/a").unwrap();
+        store.append(&k, vec![event(1, "x")]).await.unwrap();
+        assert_eq!(store.shared.logged().get(&encode_key(&k)), Some(&true));
+        assert_eq!(store.last_seq(&k).await.unwrap(), 1);
+        assert!(store.shared.logged().is_empty());
+
+        // Appends of 1,000 events: the ninth fills the log, which is applied
+        // right after that commit, so after the tenth the log holds one record.
+        let mut seq = 1;
+        for _ in 0..APPLY_EVENTS / 1000 + 2 {
+            let events = (0..1000)
+                .map(|_| {
+                    seq += 1;
+                    event(seq, "x")
+                })
+                .collect();
+            store.append(&k, events).await.unwrap();
+        }
+        let records = store
+            .shared
+            .with_db(|db| Ok(db.begin_read()?.open_table(LOG)?.len()?))
+            .unwrap();
+        assert_eq!(records, 1);
+        assert_eq!(store.last_seq(&k).await.unwrap(), seq);
+        // 10,001 events, of which the default retention keeps 10,000.
+        assert_eq!(seq, 10_001);
+        assert_eq!(store.usage(&k).await.unwrap(), (10_000, 10_000));
     }
 }
