@@ -242,3 +242,195 @@ async fn a_log_lost_without_its_meta_does_not_skew_byte_retention() {
     );
     assert_eq!(store.last_seq(&key).await.unwrap(), 8);
 }
+
+/// HLEN of a stream's idx and its meta `bytes`, read from Redis itself.
+async fn idx_len_and_bytes(
+    conn: &mut redis::aio::MultiplexedConnection,
+    store: &RedisStore,
+    key: &StreamKey,
+) -> (u64, u64) {
+    let len: u64 = redis::cmd("HLEN")
+        .arg(store.redis_key(key, "idx"))
+        .query_async(conn)
+        .await
+        .unwrap();
+    let bytes: u64 = redis::cmd("HGET")
+        .arg(store.redis_key(key, "meta"))
+        .arg("bytes")
+        .query_async(conn)
+        .await
+        .unwrap();
+    (len, bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_batched_together_keep_exact_retention_and_index() {
+    let Some(url) = redis_url() else { return };
+    let store = Arc::new(
+        RedisStore::builder(&url)
+            .prefix(unique_prefix("batched"))
+            .retention(Retention {
+                max_events: 100,
+                ..Retention::default()
+            })
+            .open()
+            .await
+            .unwrap(),
+    );
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let pipelines_before = store.pipelines();
+    // 40 streams, one event per append, all at once: the writer sends many
+    // streams' events in each script call.
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in 0..40 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let key = StreamKey::new(&format!("/s/{s}")).unwrap();
+            for n in 1..=150u64 {
+                store
+                    .append(&key, vec![ev(n, &format!("{s}-{n}"), "x")])
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    assert!(
+        store.pipelines() - pipelines_before < 40 * 150,
+        "appends were batched"
+    );
+    for s in 0..40 {
+        let key = StreamKey::new(&format!("/s/{s}")).unwrap();
+        let id = |n: u64| EventId::new(format!("{s}-{n}")).unwrap();
+        assert_eq!(store.last_seq(&key).await.unwrap(), 150);
+        assert_eq!(
+            store.recent_ids(&key, 1000).await.unwrap(),
+            (51..=150).map(id).collect::<Vec<_>>()
+        );
+        let page = store.replay(&key, &id(60), 1000).await.unwrap();
+        assert_eq!(page.outcome, ResumeOutcome::Recovered);
+        assert_eq!(
+            page.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (61..=150).collect::<Vec<_>>()
+        );
+        // Every trimmed ID left the index; the byte count is the log's.
+        let kept: u64 = (51..=150)
+            .map(|n| ev(n, &format!("{s}-{n}"), "x").raw.len() as u64)
+            .sum();
+        assert_eq!(
+            idx_len_and_bytes(&mut conn, &store, &key).await,
+            (100, kept)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_large_append_trims_in_slices_and_keeps_reused_ids() {
+    let Some(url) = redis_url() else { return };
+    let store = RedisStore::builder(&url)
+        .prefix(unique_prefix("large"))
+        .retention(Retention {
+            max_events: 100,
+            ..Retention::default()
+        })
+        .open()
+        .await
+        .unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // 3,000 events in one append (more than a script call's share and than
+    // one slice of the script's reads and deletes); every 1,000th reuses the ID "dup".
+    let id = |n: u64| {
+        if n % 1000 == 0 {
+            "dup".to_owned()
+        } else {
+            n.to_string()
+        }
+    };
+    let key = StreamKey::new("/big").unwrap();
+    let small = StreamKey::new("/small").unwrap();
+    // Another stream's write in the same pipeline, before and after.
+    let (a, b, c) = tokio::join!(
+        store.append(&small, vec![ev(1, "s1", "x")]),
+        store.append(&key, (1..=3000).map(|n| ev(n, &id(n), "x")).collect()),
+        store.append(&small, vec![ev(2, "s2", "x")]),
+    );
+    a.unwrap();
+    b.unwrap();
+    c.unwrap();
+    assert_eq!(store.last_seq(&key).await.unwrap(), 3000);
+    assert_eq!(
+        store.recent_ids(&key, 1000).await.unwrap(),
+        (2901..=3000)
+            .map(|n| EventId::new(id(n)).unwrap())
+            .collect::<Vec<_>>()
+    );
+    // "dup" points at seq 3000, whose entry stays: trimming 1000 and 2000 kept it.
+    let page = store
+        .replay(&key, &EventId::new("dup").unwrap(), 10)
+        .await
+        .unwrap();
+    assert_eq!(page.outcome, ResumeOutcome::Recovered);
+    assert!(page.events.is_empty());
+    assert_eq!(
+        store
+            .replay(&key, &EventId::new("2950").unwrap(), 1000)
+            .await
+            .unwrap()
+            .events
+            .len(),
+        50
+    );
+    assert_eq!(
+        store
+            .replay(&key, &EventId::new("2899").unwrap(), 10)
+            .await
+            .unwrap()
+            .outcome,
+        ResumeOutcome::Expired
+    );
+    let (len, _) = idx_len_and_bytes(&mut conn, &store, &key).await;
+    assert_eq!(len, 100);
+    assert_eq!(
+        store.recent_ids(&small, 10).await.unwrap(),
+        ["s1", "s2"].map(|s| EventId::new(s).unwrap())
+    );
+
+    // Bytes bound: trimmed a few entries at a time, down to exactly what fits.
+    let two_digits = |n: u64| format!("{n:02}");
+    let raw_len = ev(1, &two_digits(1), "x").raw.len() as u64;
+    let bytes_store = RedisStore::builder(&url)
+        .prefix(unique_prefix("large-bytes"))
+        .retention(Retention {
+            max_bytes: raw_len * 10,
+            ..Retention::default()
+        })
+        .open()
+        .await
+        .unwrap();
+    let key = StreamKey::new("/bytes").unwrap();
+    bytes_store
+        .append(&key, (1..=9).map(|n| ev(n, &two_digits(n), "x")).collect())
+        .await
+        .unwrap();
+    bytes_store
+        .append(
+            &key,
+            (10..=50).map(|n| ev(n, &two_digits(n), "x")).collect(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        bytes_store.recent_ids(&key, 100).await.unwrap(),
+        (41..=50)
+            .map(|n| EventId::new(two_digits(n)).unwrap())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        idx_len_and_bytes(&mut conn, &bytes_store, &key).await,
+        (10, raw_len * 10)
+    );
+}
