@@ -3,9 +3,15 @@
 -- share a hash slot). ARGV: max events, max bytes, TTL in ms (0: none), then
 -- per stream, in KEYS order: its number of events k, then k times
 -- `seq, id, raw, stored_at_ms`. Events at or below a stream's last sequence
--- are skipped (a retried batch adds nothing). The TTL of a stream's three keys
--- is refreshed when the log's has run down by more than 1/64, not on every
--- call. Sequence numbers are kept as the decimal strings the client sent.
+-- are skipped (a retried batch adds nothing). Sequence numbers are kept as
+-- the decimal strings the client sent.
+--
+-- meta holds `last_seq`, `bytes`, `n` (the log's length) and `ttl_at` (when
+-- the TTL is next refreshed: the three keys' TTL is refreshed once it has run
+-- down by 1/64, not on every call), so that an append reads one hash and
+-- writes it back: fewer commands per stream. A log lost without its meta
+-- (evicted; expired while a cursor write kept the meta) is noticed by
+-- `XADD NOMKSTREAM`, and counted from zero again.
 local max_events, max_bytes, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 -- unpack() takes a bounded number of values: long argument lists go in slices.
 local STEP = 1000
@@ -16,33 +22,46 @@ local function call_sliced(cmd, key, list)
   end
 end
 
+local now = 0
+if ttl > 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
 local a = 4
 for s = 1, #KEYS, 3 do
   local log, idx, meta = KEYS[s], KEYS[s + 1], KEYS[s + 2]
   local first = a + 1
   local stop = a + 4 * tonumber(ARGV[a])
   a = stop + 1
-  local m = redis.call('HMGET', meta, 'last_seq', 'bytes')
+  local m = redis.call('HMGET', meta, 'last_seq', 'bytes', 'n', 'ttl_at')
   local last_s = m[1] or '0'
   local last = tonumber(last_s)
-  local n = redis.call('XLEN', log)
-  -- The log may have expired or been evicted without its meta.
+  -- A meta written before `n` was kept, or none: count the log.
+  local n = tonumber(m[3] or '') or redis.call('XLEN', log)
   local bytes = n > 0 and tonumber(m[2] or '0') or 0
+  local created = false
   local fresh = {}
   for i = first, stop, 4 do
     local seq = tonumber(ARGV[i])
     if seq > last then
-      redis.call('XADD', log, ARGV[i] .. '-0', 'id', ARGV[i + 1], 'raw', ARGV[i + 2], 't', ARGV[i + 3])
+      local id = ARGV[i] .. '-0'
+      if n == 0 or not redis.call('XADD', log, 'NOMKSTREAM', id, 'id', ARGV[i + 1], 'raw', ARGV[i + 2], 't', ARGV[i + 3]) then
+        -- No log (yet, or any more): it starts here, from zero.
+        if n > 0 then n, bytes = 0, 0 end
+        redis.call('XADD', log, id, 'id', ARGV[i + 1], 'raw', ARGV[i + 2], 't', ARGV[i + 3])
+        created = true
+      end
       fresh[#fresh + 1] = ARGV[i + 1]
       fresh[#fresh + 1] = ARGV[i]
       bytes = bytes + #ARGV[i + 2]
+      n = n + 1
       last, last_s = seq, ARGV[i]
     end
   end
   if #fresh > 0 then
     -- Event ID -> seq; a later event with the same ID takes the entry over.
     call_sliced('HSET', idx, fresh)
-    n = n + #fresh / 2
     -- Trim the oldest entries past the bounds (the newest one always stays),
     -- read a slice at a time, deleted together.
     if n > 1 and (n > max_events or bytes > max_bytes) then
@@ -81,14 +100,14 @@ for s = 1, #KEYS, 3 do
       end
       call_sliced('HDEL', idx, stale)
     end
-    redis.call('HSET', meta, 'last_seq', last_s, 'bytes', bytes)
-    if ttl > 0 then
-      local left = redis.call('PTTL', log)
-      if left < 0 or left < ttl - math.floor(ttl / 64) then
-        redis.call('PEXPIRE', log, ttl)
-        redis.call('PEXPIRE', idx, ttl)
-        redis.call('PEXPIRE', meta, ttl)
-      end
+    local ttl_at = tonumber(m[4] or '0')
+    local refresh = ttl > 0 and (created or now >= ttl_at)
+    if refresh then ttl_at = now + math.floor(ttl / 64) end
+    redis.call('HSET', meta, 'last_seq', last_s, 'bytes', bytes, 'n', n, 'ttl_at', ttl_at)
+    if refresh then
+      redis.call('PEXPIRE', log, ttl)
+      redis.call('PEXPIRE', idx, ttl)
+      redis.call('PEXPIRE', meta, ttl)
     end
   end
 end

@@ -11,7 +11,7 @@
 //! With prefix `p` (default `tower-sse`) and a stream key `k`, the keys are
 //! `p:{h}:log` (a Redis Stream: entry `seq-0` with fields `id`, `raw`, `t`),
 //! `p:{h}:idx` (hash: event ID → seq) and `p:{h}:meta` (hash: `last_seq`,
-//! `bytes`, `cursor`), where `h` is the hex encoding of the length-prefixed
+//! `bytes`, `n` (the log's length), `ttl_at`, `cursor`), where `h` is the hex encoding of the length-prefixed
 //! session and resource of `k`. Hex keeps any user-supplied key — with `:`,
 //! `*`, `{`, `}`, newlines, 10 KiB long — inside its own namespace and its own
 //! cluster hash slot; keys are bounded because stream keys are (4 KiB resource,

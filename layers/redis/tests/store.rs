@@ -434,3 +434,64 @@ async fn a_large_append_trims_in_slices_and_keeps_reused_ids() {
         (10, raw_len * 10)
     );
 }
+
+#[tokio::test]
+async fn keys_get_their_ttl_also_when_the_log_is_recreated() {
+    let Some(url) = redis_url() else { return };
+    let hour = std::time::Duration::from_secs(3600);
+    let store = RedisStore::builder(&url)
+        .prefix(unique_prefix("ttl"))
+        .retention(Retention {
+            max_age: hour,
+            ..Retention::default()
+        })
+        .open()
+        .await
+        .unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = StreamKey::new("/ttl").unwrap();
+    let ttls = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut pipe = redis::pipe();
+        for part in ["log", "idx", "meta"] {
+            pipe.cmd("PTTL").arg(store.redis_key(&key, part));
+        }
+        let mut conn = conn.clone();
+        async move { pipe.query_async::<Vec<i64>>(&mut conn).await.unwrap() }
+    };
+    let in_range = |ttls: &[i64]| ttls.iter().all(|&t| t > 3_000_000 && t <= 3_600_000);
+    store
+        .append(&key, (1..=3).map(|n| ev(n, &n.to_string(), "x")).collect())
+        .await
+        .unwrap();
+    let first = ttls(&mut conn).await;
+    assert!(in_range(&first), "{first:?}");
+    // The log goes while its meta stays: the new log gets a TTL at once.
+    let _: i64 = redis::cmd("DEL")
+        .arg(store.redis_key(&key, "log"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    store.append(&key, vec![ev(4, "4", "x")]).await.unwrap();
+    let second = ttls(&mut conn).await;
+    assert!(in_range(&second), "{second:?}");
+    // A meta without the log's length (written by an older version): counted again.
+    let _: i64 = redis::cmd("HDEL")
+        .arg(store.redis_key(&key, "meta"))
+        .arg("n")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    store.append(&key, vec![ev(5, "5", "x")]).await.unwrap();
+    assert_eq!(
+        store.recent_ids(&key, 10).await.unwrap(),
+        (4..=5).map(EventId::from_u64).collect::<Vec<_>>()
+    );
+    let n: u64 = redis::cmd("HGET")
+        .arg(store.redis_key(&key, "meta"))
+        .arg("n")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+}
