@@ -344,7 +344,7 @@ async fn a_large_append_trims_in_slices_and_keeps_reused_ids() {
     // 3,000 events in one append (more than a script call's share and than
     // one slice of the script's reads and deletes); every 1,000th reuses the ID "dup".
     let id = |n: u64| {
-        if n % 1000 == 0 {
+        if n.is_multiple_of(1000) {
             "dup".to_owned()
         } else {
             n.to_string()
