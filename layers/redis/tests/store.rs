@@ -495,3 +495,44 @@ async fn keys_get_their_ttl_also_when_the_log_is_recreated() {
         .unwrap();
     assert_eq!(n, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_sent_without_waiting_stay_in_order_and_flush_answers_after_them() {
+    let Some(url) = redis_url() else { return };
+    let store = RedisStore::builder(&url)
+        .prefix(unique_prefix("order"))
+        .open()
+        .await
+        .unwrap();
+    let a = StreamKey::new("/a").unwrap();
+    let b = StreamKey::new("/b").unwrap();
+    // 300 appends to each of two streams, all queued before any is answered:
+    // they go out in several pipelines, two in flight; an append overtaking
+    // an earlier one of its stream would have the earlier one skipped.
+    // (Unconstrained: Tokio's cooperative budget would otherwise park some
+    // sends and let later ones queue first.)
+    let appends =
+        tokio::task::unconstrained(futures_util::future::join_all((1..=300u64).flat_map(|n| {
+            [&a, &b].map(|key| {
+                let store = &store;
+                async move { store.append(key, vec![ev(n, &n.to_string(), "x")]).await }
+            })
+        })));
+    let flushed = async {
+        store.flush().await.unwrap();
+        // Everything queued before the flush is written when it answers.
+        (
+            store.last_seq(&a).await.unwrap(),
+            store.last_seq(&b).await.unwrap(),
+        )
+    };
+    let (results, at_flush) = tokio::join!(appends, flushed);
+    assert!(results.iter().all(Result::is_ok));
+    assert_eq!(at_flush, (300, 300));
+    for key in [&a, &b] {
+        assert_eq!(
+            store.recent_ids(key, 1000).await.unwrap(),
+            (1..=300).map(EventId::from_u64).collect::<Vec<_>>()
+        );
+    }
+}
