@@ -64,12 +64,9 @@
 
 mod lease;
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -286,12 +283,6 @@ enum Write {
 }
 
 impl Write {
-    fn key(&self) -> &StreamKey {
-        match self {
-            Write::Append { key, .. } | Write::Cursor { key, .. } => key,
-        }
-    }
-
     fn events(&self) -> usize {
         match self {
             Write::Append { events, .. } => events.len(),
@@ -475,37 +466,15 @@ impl Buffer {
         self.pending.push_front(p);
     }
 
-    /// Takes the next batch out of `pending` and the streams it writes: the
-    /// writes in order up to the first one of a `busy` stream, which waits,
-    /// with all after it, for a later batch (writes are settled in order, so
-    /// a flush still answers after everything before it).
-    fn batch(&mut self, busy: &HashSet<&StreamKey>) -> (Vec<Pending>, HashSet<StreamKey>) {
-        let mut batch = Vec::new();
-        let mut streams = HashSet::new();
-        while batch.len() < WRITES_PER_PIPELINE {
-            let Some(key) = self.pending.front().map(|p| p.write.key()) else {
-                break;
-            };
-            if busy.contains(key) {
-                break;
-            }
-            if !streams.contains(key) {
-                streams.insert(key.clone());
-            }
-            if let Some(p) = self.pending.pop_front() {
-                self.waiting -= p.write.events();
-                batch.push(p);
-            }
-        }
-        (batch, streams)
-    }
-
-    /// Takes a write from the queue: buffered, and answered at once while Redis fails.
-    fn admit(&mut self, p: Pending, failing: Option<&StoreError>) {
-        match failing {
-            Some(error) => self.admit_failing(p, error),
-            None => self.push(p),
-        }
+    /// Takes the next batch out of `pending`.
+    fn batch(&mut self) -> Vec<Pending> {
+        let batch: Vec<Pending> = self
+            .pending
+            .drain(..self.pending.len().min(WRITES_PER_PIPELINE))
+            .collect();
+        let n = batch.iter().map(|p| p.write.events()).sum::<usize>();
+        self.waiting -= n;
+        batch
     }
 
     /// Drops the oldest writes past the bound (the last one is always kept),
@@ -562,71 +531,12 @@ impl Buffer {
 /// How often drops are logged while they go on.
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
-/// How many pipelines may be in flight at once while Redis answers: the next
-/// one is sent while Redis runs the one before, so Redis does not sit idle
-/// for a round trip between batches. (One at a time while Redis fails.)
-const IN_FLIGHT: usize = 2;
-
-/// The outcome of one pipeline.
-type Outcome = Result<Result<Value, redis::RedisError>, tokio::time::error::Elapsed>;
-
-/// A pipeline sent (or about to be) and the writes it carries.
-struct Attempt {
-    batch: Vec<Pending>,
-    /// The streams it writes: a later write of one of them waits until this
-    /// attempt is settled, so that a stream is never in two attempts at once
-    /// (a failed attempt is retried without a later one having overtaken it).
-    streams: HashSet<StreamKey>,
-    run: Pin<Box<dyn Future<Output = Outcome> + Send>>,
-    outcome: Option<Outcome>,
-}
-
-impl Attempt {
-    fn start(
-        conn: &ConnectionManager,
-        shared: &Shared,
-        batch: Vec<Pending>,
-        streams: HashSet<StreamKey>,
-        load_script: bool,
-    ) -> Attempt {
-        let pipe = pipeline_of(shared, &batch, load_script);
-        let mut conn = conn.clone();
-        let timeout = shared.timeout;
-        Attempt {
-            batch,
-            streams,
-            run: Box::pin(async move {
-                tokio::time::timeout(timeout, pipe.query_async::<Value>(&mut conn)).await
-            }),
-            outcome: None,
-        }
-    }
-}
-
-/// Drives every attempt in flight, in the order they were started (so each
-/// is handed to the connection before the next), and is ready once the
-/// oldest has its outcome.
-fn poll_oldest(inflight: &mut VecDeque<Attempt>, cx: &mut Context<'_>) -> Poll<()> {
-    for attempt in inflight.iter_mut() {
-        if attempt.outcome.is_none() {
-            if let Poll::Ready(outcome) = attempt.run.as_mut().poll(cx) {
-                attempt.outcome = Some(outcome);
-            }
-        }
-    }
-    match inflight.front() {
-        Some(oldest) if oldest.outcome.is_some() => Poll::Ready(()),
-        _ => Poll::Pending,
-    }
-}
-
-/// Drains the queue into pipelines, up to [`IN_FLIGHT`] at once, settled in
-/// order; keeps failed writes (bounded) and retries them in order. While
-/// Redis fails, writes that arrive are answered at once.
+/// Drains the queue into pipelines; keeps failed writes (bounded) and retries
+/// them in order. While Redis fails, writes that arrive are answered at once.
 ///
 /// Bound: after a failed attempt, at most `max_buffered` events are kept
-/// (the oldest dropped); while attempts are under way, up to `max_buffered`
-/// more may wait behind them (past that, writers wait in the queue).
+/// (the oldest dropped); while an attempt is under way, up to `max_buffered`
+/// more may wait behind it (past that, writers wait in the queue).
 async fn writer(
     conn: ConnectionManager,
     shared: Arc<Shared>,
@@ -640,7 +550,6 @@ async fn writer(
         unlogged: 0,
         logged_at: None,
     };
-    let mut inflight: VecDeque<Attempt> = VecDeque::new();
     let mut backoff = Duration::from_millis(50);
     // The last attempt's error, while Redis fails.
     let mut failing: Option<StoreError> = None;
@@ -648,60 +557,38 @@ async fn writer(
     let mut script_loaded = false;
     let mut open = true;
     loop {
+        if buf.pending.is_empty() {
+            match rx.recv().await {
+                Some(p) => buf.push(p),
+                None => return,
+            }
+        }
         // Take what waits in the queue, up to the bound (Redis answering:
         // nothing is dropped; past the bound, writers wait in the queue).
-        while open && buf.has_room() {
+        while buf.has_room() {
             match rx.try_recv() {
-                Ok(p) => buf.admit(p, failing.as_ref()),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                Ok(p) => buf.push(p),
+                Err(_) => break,
             }
         }
-        let depth = if failing.is_some() { 1 } else { IN_FLIGHT };
-        while inflight.len() < depth {
-            let busy: HashSet<&StreamKey> = inflight.iter().flat_map(|a| &a.streams).collect();
-            let (batch, streams) = buf.batch(&busy);
-            if batch.is_empty() {
-                break;
-            }
-            inflight.push_back(Attempt::start(
-                &conn,
-                &shared,
-                batch,
-                streams,
-                !script_loaded,
-            ));
-        }
-        if inflight.is_empty() {
-            // Nothing in flight: nothing waits either.
-            if !open {
-                return;
-            }
-            match rx.recv().await {
-                Some(p) => buf.admit(p, failing.as_ref()),
-                None => open = false,
-            }
-            continue;
-        }
-        tokio::select! {
-            () = std::future::poll_fn(|cx| poll_oldest(&mut inflight, cx)) => {}
-            p = rx.recv(), if open && buf.has_room() => {
-                match p {
-                    Some(p) => buf.admit(p, failing.as_ref()),
-                    None => open = false,
+        let batch = buf.batch();
+        let pipe = pipeline_of(&shared, &batch, !script_loaded);
+        let mut c = conn.clone();
+        let attempt = tokio::time::timeout(shared.timeout, pipe.query_async::<Value>(&mut c));
+        tokio::pin!(attempt);
+        let result = loop {
+            tokio::select! {
+                result = &mut attempt => break result,
+                p = rx.recv(), if open && buf.has_room() && failing.is_some() => {
+                    match (p, failing.as_ref()) {
+                        (Some(p), Some(error)) => buf.admit_failing(p, error),
+                        (Some(p), None) => buf.push(p),
+                        (None, _) => open = false,
+                    }
                 }
-                continue;
             }
-        }
-        let Some(Attempt {
-            batch,
-            outcome: Some(outcome),
-            ..
-        }) = inflight.pop_front()
-        else {
-            continue;
         };
-        match outcome {
+        match result {
             Ok(Ok(_)) => {
                 shared.pipelines.fetch_add(1, Ordering::Relaxed);
                 script_loaded |= batch
@@ -724,14 +611,8 @@ async fn writer(
                 };
                 script_loaded = false;
                 tracing::warn!(error = %error, buffered = buf.waiting, "Redis write failed; keeping the writes to retry");
-                // The attempts after it are given up and retried too, after
-                // it (writes already done are done again: appends skip what
-                // is there, cursors end as the last one written).
-                let later: Vec<Attempt> = inflight.drain(..).collect();
-                let batches = std::iter::once(batch).chain(later.into_iter().map(|a| a.batch));
-                let writes: Vec<Pending> = batches.flatten().collect();
                 // Answer the waiters now (fail-open streams go on); keep the writes, in order.
-                for mut p in writes.into_iter().rev() {
+                for mut p in batch.into_iter().rev() {
                     if let Some(ack) = p.ack.take() {
                         let _ = ack.send(Err(error.clone()));
                     }
@@ -756,6 +637,9 @@ async fn writer(
                 failing = Some(error);
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
+        }
+        if !open && buf.pending.is_empty() {
+            return;
         }
     }
 }
