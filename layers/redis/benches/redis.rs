@@ -17,7 +17,10 @@
 //!
 //! Without `REDIS_URL` the Redis rows print `SKIPPED` and the others run. The
 //! run ends with a summary from the same samples: events/s of each row and
-//! the ratios (target: pipelined ≥ 10x one round trip per event). Keys go
+//! the ratios (target: pipelined ≥ 10x one round trip per event). As the
+//! criterion rows run one after the other, under a changing machine load
+//! their ratio can be off; so each regime also runs both sides in alternating
+//! half-second rounds and reports the median of the rounds' ratios. Keys go
 //! under a prefix of their own and are deleted at the end.
 
 use std::convert::Infallible;
@@ -122,8 +125,96 @@ async fn prefill(store: &RedisStore, key: &StreamKey) {
         .unwrap();
 }
 
-/// The pipelined row and its naive peer for one regime; `at_cap`: streams
-/// prefilled to the store's cap.
+/// The pipelined side: 64 tasks, each appending to its own stream one event
+/// at a time and awaiting it; the store's writer pipelines them.
+struct Pipelined {
+    store: Arc<RedisStore>,
+    keys: Vec<StreamKey>,
+    next: u64,
+}
+
+impl Pipelined {
+    /// `iters` rounds of 16 events per stream: (events, time, pipelines).
+    async fn run(&mut self, iters: u64) -> (u64, Duration, u64) {
+        let pipelines_before = self.store.pipelines();
+        let start = Instant::now();
+        for _ in 0..iters {
+            let base = self.next;
+            self.next += EVENTS_PER_APPENDER;
+            let mut tasks = tokio::task::JoinSet::new();
+            for key in &self.keys {
+                let store = self.store.clone();
+                let key = key.clone();
+                tasks.spawn(async move {
+                    for seq in base..base + EVENTS_PER_APPENDER {
+                        store.append(&key, vec![event(seq)]).await.unwrap();
+                    }
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.unwrap();
+            }
+        }
+        let time = start.elapsed();
+        let events = iters * APPENDERS as u64 * EVENTS_PER_APPENDER;
+        (events, time, self.store.pipelines() - pipelines_before)
+    }
+}
+
+/// The naive peer: one appender sending one EVALSHA of the store's own
+/// script per event (same keys, data, retention), awaiting each, round-robin
+/// over 64 streams.
+struct Naive {
+    conn: redis::aio::MultiplexedConnection,
+    sha: String,
+    retention: Retention,
+    keys: Vec<[String; 3]>,
+    seqs: Vec<u64>,
+    turn: usize,
+}
+
+impl Naive {
+    async fn run(&mut self, iters: u64) -> (u64, Duration) {
+        let r = self.retention;
+        let start = Instant::now();
+        for _ in 0..iters {
+            let [log, idx, meta] = &self.keys[self.turn];
+            let e = event(self.seqs[self.turn]);
+            let _: redis::Value = redis::cmd("EVALSHA")
+                .arg(&self.sha)
+                .arg(3)
+                .arg(log)
+                .arg(idx)
+                .arg(meta)
+                .arg(r.max_events)
+                .arg(r.max_bytes)
+                .arg(r.max_age.as_millis() as u64)
+                .arg(1)
+                .arg(e.seq)
+                .arg(e.id.as_bytes())
+                .arg(e.raw.as_ref())
+                .arg(e.stored_at_ms)
+                .query_async(&mut self.conn)
+                .await
+                .unwrap();
+            self.seqs[self.turn] += 1;
+            self.turn = (self.turn + 1) % APPENDERS;
+        }
+        (iters, start.elapsed())
+    }
+}
+
+/// Rounds of the interleaved comparison, and how long each side runs per round.
+const ROUNDS: usize = 8;
+const ROUND: Duration = Duration::from_millis(500);
+
+/// Per regime, the (pipelined, naive) events/s of each interleaved round.
+static INTERLEAVED: Mutex<Vec<(String, Vec<(f64, f64)>)>> = Mutex::new(Vec::new());
+
+/// The pipelined row and its naive peer for one regime (`at_cap`: streams
+/// prefilled to the store's cap): each as a criterion row, then both again
+/// in alternating half-second rounds, so that both see the same load.
+#[allow(clippy::too_many_arguments)]
 fn regime(
     group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>,
     runtime: &tokio::runtime::Runtime,
@@ -147,42 +238,36 @@ fn regime(
             }
         });
     }
+    let mut p = Pipelined {
+        store: store.clone(),
+        keys: pipelined,
+        next: first,
+    };
+    let mut n = Naive {
+        conn: conn.clone(),
+        sha: sha.to_owned(),
+        retention: Retention {
+            max_events: if at_cap { CAP } else { usize::MAX >> 12 },
+            ..Retention::default()
+        },
+        keys: naive
+            .iter()
+            .map(|k| ["log", "idx", "meta"].map(|part| store.redis_key(k, part)))
+            .collect(),
+        seqs: vec![first; APPENDERS],
+        turn: 0,
+    };
 
-    // 64 tasks, each appending to its own stream one event at a time and
-    // awaiting it: the writer pipelines them.
-    let next = Arc::new(AtomicU64::new(first));
-    let per_iter = APPENDERS as u64 * EVENTS_PER_APPENDER;
     let label = format!("pipelined, 64 appenders ({name})");
-    let mut appends = 0;
-    let mut pipelines = 0;
-    group.throughput(Throughput::Elements(per_iter));
+    let (mut appends, mut pipelines) = (0, 0);
+    group.throughput(Throughput::Elements(APPENDERS as u64 * EVENTS_PER_APPENDER));
     group.bench_function(format!("{name}/pipelined_64_appenders"), |b| {
         b.iter_custom(|iters| {
-            runtime.block_on(async {
-                let pipelines_before = store.pipelines();
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let base = next.fetch_add(EVENTS_PER_APPENDER, Ordering::Relaxed);
-                    let mut tasks = tokio::task::JoinSet::new();
-                    for key in &pipelined {
-                        let store = store.clone();
-                        let key = key.clone();
-                        tasks.spawn(async move {
-                            for seq in base..base + EVENTS_PER_APPENDER {
-                                store.append(&key, vec![event(seq)]).await.unwrap();
-                            }
-                        });
-                    }
-                    while let Some(done) = tasks.join_next().await {
-                        done.unwrap();
-                    }
-                }
-                let time = start.elapsed();
-                appends += iters * per_iter;
-                pipelines += store.pipelines() - pipelines_before;
-                record(&label, iters * per_iter, time);
-                time
-            })
+            let (events, time, sent) = runtime.block_on(p.run(iters));
+            appends += events;
+            pipelines += sent;
+            record(&label, events, time);
+            time
         })
     });
     println!(
@@ -190,53 +275,36 @@ fn regime(
         appends as f64 / pipelines.max(1) as f64
     );
 
-    // The naive peer: one EVALSHA of the same script per event, awaited.
-    let r = Retention {
-        max_events: if at_cap { CAP } else { usize::MAX >> 12 },
-        ..Retention::default()
-    };
-    let keys: Vec<[String; 3]> = naive
-        .iter()
-        .map(|k| ["log", "idx", "meta"].map(|part| store.redis_key(k, part)))
-        .collect();
-    let mut seqs = vec![first; APPENDERS];
-    let mut turn = 0;
-    let mut conn = conn.clone();
     let label = format!("one EVALSHA per event ({name})");
     group.throughput(Throughput::Elements(1));
     group.bench_function(format!("{name}/evalsha_per_event"), |b| {
         b.iter_custom(|iters| {
-            runtime.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let [log, idx, meta] = &keys[turn];
-                    let e = event(seqs[turn]);
-                    let _: redis::Value = redis::cmd("EVALSHA")
-                        .arg(sha)
-                        .arg(3)
-                        .arg(log)
-                        .arg(idx)
-                        .arg(meta)
-                        .arg(r.max_events)
-                        .arg(r.max_bytes)
-                        .arg(r.max_age.as_millis() as u64)
-                        .arg(1)
-                        .arg(e.seq)
-                        .arg(e.id.as_bytes())
-                        .arg(e.raw.as_ref())
-                        .arg(e.stored_at_ms)
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap();
-                    seqs[turn] += 1;
-                    turn = (turn + 1) % APPENDERS;
-                }
-                let time = start.elapsed();
-                record(&label, iters, time);
-                time
-            })
+            let (events, time) = runtime.block_on(n.run(iters));
+            record(&label, events, time);
+            time
         })
     });
+
+    // Interleaved: pipelined then naive, ROUND each, ROUNDS times.
+    let mut rounds = Vec::new();
+    runtime.block_on(async {
+        for _ in 0..ROUNDS {
+            let (mut pe, mut pt) = (0, Duration::ZERO);
+            while pt < ROUND {
+                let (e, t, _) = p.run(1).await;
+                pe += e;
+                pt += t;
+            }
+            let (mut ne, mut nt) = (0, Duration::ZERO);
+            while nt < ROUND {
+                let (e, t) = n.run(64).await;
+                ne += e;
+                nt += t;
+            }
+            rounds.push((pe as f64 / pt.as_secs_f64(), ne as f64 / nt.as_secs_f64()));
+        }
+    });
+    INTERLEAVED.lock().unwrap().push((name.to_owned(), rounds));
 }
 
 fn appends(c: &mut Criterion) {
@@ -490,6 +558,22 @@ fn summary() {
             "  {name:<44} {:>11.0} events/s  ({events} events in {:.2?})",
             *events as f64 / time.as_secs_f64(),
             time
+        );
+    }
+    for (regime, rounds) in INTERLEAVED.lock().unwrap().iter() {
+        let mut ratios: Vec<f64> = rounds.iter().map(|(p, n)| p / n).collect();
+        ratios.sort_by(f64::total_cmp);
+        let median = (ratios[(ratios.len() - 1) / 2] + ratios[ratios.len() / 2]) / 2.0;
+        let mean =
+            |f: fn(&(f64, f64)) -> f64| rounds.iter().map(f).sum::<f64>() / rounds.len() as f64;
+        println!(
+            "  {regime}, {} interleaved rounds of {:?} each side: pipelined {:.0} events/s, one EVALSHA per event {:.0} events/s (means); ratio median {median:.1}x (min {:.1}x, max {:.1}x)",
+            rounds.len(),
+            ROUND,
+            mean(|r| r.0),
+            mean(|r| r.1),
+            ratios[0],
+            ratios[ratios.len() - 1],
         );
     }
     for regime in ["fresh", "at_cap"] {

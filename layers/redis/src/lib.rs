@@ -34,12 +34,9 @@
 //! events a call; a stream's events are never split), appending, indexing and
 //! trimming each stream atomically; cursor writes are coalesced per stream.
 //! (One call spans several streams' hash slots: fine on a standalone Redis or
-//! a primary with replicas, which is what the store connects to.) While Redis
-//! answers, a second pipeline is sent while the first runs (two in flight, so
-//! Redis does not idle for a round trip between batches); they are settled in
-//! order, a stream is never in both, and a failed one is retried with all
-//! after it. Appends are idempotent (a sequence number at or below the
-//! stream's last is skipped), so a batch is simply retried.
+//! a primary with replicas, which is what the store connects to.) Appends are
+//! idempotent (a sequence number at or below the stream's last is skipped), so
+//! a batch is simply retried.
 //!
 //! # Outage
 //!

@@ -507,7 +507,7 @@ async fn appends_sent_without_waiting_stay_in_order_and_flush_answers_after_them
     let a = StreamKey::new("/a").unwrap();
     let b = StreamKey::new("/b").unwrap();
     // 300 appends to each of two streams, all queued before any is answered:
-    // they go out in several pipelines, two in flight; an append overtaking
+    // they go out in several pipelines; an append overtaking
     // an earlier one of its stream would have the earlier one skipped.
     // (Unconstrained: Tokio's cooperative budget would otherwise park some
     // sends and let later ones queue first.)
