@@ -208,8 +208,11 @@ impl Naive {
 const ROUNDS: usize = 8;
 const ROUND: Duration = Duration::from_millis(500);
 
-/// Per regime, the (pipelined, naive) events/s of each interleaved round.
-static INTERLEAVED: Mutex<Vec<(String, Vec<(f64, f64)>)>> = Mutex::new(Vec::new());
+/// (pipelined, naive) events/s of each interleaved round of a regime.
+type Rounds = Vec<(f64, f64)>;
+
+/// Per regime, its interleaved rounds.
+static INTERLEAVED: Mutex<Vec<(String, Rounds)>> = Mutex::new(Vec::new());
 
 /// The pipelined row and its naive peer for one regime (`at_cap`: streams
 /// prefilled to the store's cap): each as a criterion row, then both again
