@@ -11,7 +11,7 @@
 //! With prefix `p` (default `tower-sse`) and a stream key `k`, the keys are
 //! `p:{h}:log` (a Redis Stream: entry `seq-0` with fields `id`, `raw`, `t`),
 //! `p:{h}:idx` (hash: event ID → seq) and `p:{h}:meta` (hash: `last_seq`,
-//! `bytes`, `cursor`), where `h` is the hex encoding of the length-prefixed
+//! `bytes`, `n` (the log's length), `ttl_at`, `cursor`), where `h` is the hex encoding of the length-prefixed
 //! session and resource of `k`. Hex keeps any user-supplied key — with `:`,
 //! `*`, `{`, `}`, newlines, 10 KiB long — inside its own namespace and its own
 //! cluster hash slot; keys are bounded because stream keys are (4 KiB resource,
@@ -29,11 +29,14 @@
 //! # Writes
 //!
 //! Appends and cursor updates go to one writer task through a bounded queue;
-//! it drains what is queued and sends it as **one pipeline** (one Lua script
-//! call, `EVALSHA`, per stream batch, appending and trimming atomically;
-//! cursor writes coalesced per stream). Appends are idempotent (a sequence
-//! number at or below the stream's last is skipped), so a batch is simply
-//! retried.
+//! it drains what is queued and sends it as **one pipeline**: one Lua script
+//! call (`EVALSHA`) carries the events of all the batch's streams (up to 2,048
+//! events a call; a stream's events are never split), appending, indexing and
+//! trimming each stream atomically; cursor writes are coalesced per stream.
+//! (One call spans several streams' hash slots: fine on a standalone Redis or
+//! a primary with replicas, which is what the store connects to.) Appends are
+//! idempotent (a sequence number at or below the stream's last is skipped), so
+//! a batch is simply retried.
 //!
 //! # Outage
 //!
@@ -59,7 +62,6 @@
 mod lease;
 
 use std::collections::{HashMap, VecDeque};
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,57 +76,16 @@ use tower_sse::store::{
 };
 use tower_sse::{EventId, StreamKey};
 
-/// Appends a batch of one stream and enforces retention, atomically. Keys:
-/// log, idx, meta (one hash slot). ARGV: max events, max bytes, TTL in ms
-/// (0: none), then `seq, id, raw, stored_at_ms` per event. Events at or below
-/// the stream's last sequence are skipped (a retried batch adds nothing).
-/// The TTL of the three keys is refreshed when the log's has run down by more
-/// than 1/64, not on every call: fewer commands per append.
-const APPEND: &str = r#"
-local log, idx, meta = KEYS[1], KEYS[2], KEYS[3]
-local max_events, max_bytes, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local m = redis.call('HMGET', meta, 'last_seq', 'bytes')
-local last = tonumber(m[1] or '0')
-local n = redis.call('XLEN', log)
--- The log may have expired or been evicted without its meta.
-local bytes = n > 0 and tonumber(m[2] or '0') or 0
-local added = 0
-for i = 4, #ARGV, 4 do
-  local seq = tonumber(ARGV[i])
-  if seq > last then
-    redis.call('XADD', log, seq .. '-0', 'id', ARGV[i + 1], 'raw', ARGV[i + 2], 't', ARGV[i + 3])
-    redis.call('HSET', idx, ARGV[i + 1], seq)
-    bytes = bytes + #ARGV[i + 2]
-    last = seq
-    added = added + 1
-  end
-end
-if added == 0 then return last end
-n = n + added
-while n > 1 and (n > max_events or bytes > max_bytes) do
-  local oldest = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)[1]
-  local f = oldest[2]
-  local oid, oraw = nil, ''
-  for j = 1, #f, 2 do
-    if f[j] == 'id' then oid = f[j + 1] elseif f[j] == 'raw' then oraw = f[j + 1] end
-  end
-  redis.call('XDEL', log, oldest[1])
-  local oseq = string.match(oldest[1], '^(%d+)')
-  if oid and redis.call('HGET', idx, oid) == oseq then redis.call('HDEL', idx, oid) end
-  bytes = bytes - #oraw
-  n = n - 1
-end
-redis.call('HSET', meta, 'last_seq', last, 'bytes', bytes)
-if ttl > 0 then
-  local left = redis.call('PTTL', log)
-  if left < 0 or left < ttl - math.floor(ttl / 64) then
-    redis.call('PEXPIRE', log, ttl)
-    redis.call('PEXPIRE', idx, ttl)
-    redis.call('PEXPIRE', meta, ttl)
-  end
-end
-return last
-"#;
+/// Appends the events of a batch's streams and enforces retention, atomically,
+/// in one script call (see the script's header for KEYS and ARGV).
+const APPEND: &str = include_str!("append.lua");
+
+/// At most this many events go into one script call (a call holds Redis for
+/// its whole run); one stream's events are never split across calls.
+const EVENTS_PER_CALL: usize = 2048;
+
+/// At most this many queued writes go into one pipeline.
+const WRITES_PER_PIPELINE: usize = 4096;
 
 /// Why a Redis store could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -266,20 +227,43 @@ struct Shared {
 impl Shared {
     /// `prefix:{hex(len(session) session resource)}:suffix`: unambiguous and inert.
     fn key(&self, key: &StreamKey, suffix: &str) -> String {
+        let mut out = self.tag(key);
+        out.push_str(suffix);
+        out
+    }
+
+    /// The log, idx and meta keys of a stream.
+    fn keys(&self, key: &StreamKey) -> [String; 3] {
+        let tag = self.tag(key);
+        let part = |suffix: &str| {
+            let mut out = String::with_capacity(tag.len() + suffix.len());
+            out.push_str(&tag);
+            out.push_str(suffix);
+            out
+        };
+        [part("log"), part("idx"), part("meta")]
+    }
+
+    /// `prefix:{hex(...)}:`, the part of a stream's keys before the suffix.
+    fn tag(&self, key: &StreamKey) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let session = key.session().unwrap_or("");
-        let mut canonical = Vec::with_capacity(5 + session.len() + key.resource().len());
-        canonical.push(u8::from(key.session().is_some()));
-        canonical.extend_from_slice(&(session.len() as u32).to_be_bytes());
-        canonical.extend_from_slice(session.as_bytes());
-        canonical.extend_from_slice(key.resource().as_bytes());
-        let mut out = String::with_capacity(self.prefix.len() + canonical.len() * 2 + 12);
+        let resource = key.resource();
+        let mut out =
+            String::with_capacity(self.prefix.len() + 2 * (5 + session.len() + resource.len()) + 8);
         out.push_str(&self.prefix);
         out.push_str(":{");
+        let len = (session.len() as u32).to_be_bytes();
+        let canonical = [u8::from(key.session().is_some())]
+            .into_iter()
+            .chain(len)
+            .chain(session.bytes())
+            .chain(resource.bytes());
         for b in canonical {
-            let _ = write!(out, "{b:02x}");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
         }
         out.push_str("}:");
-        out.push_str(suffix);
         out
     }
 }
@@ -481,7 +465,10 @@ impl Buffer {
 
     /// Takes the next batch out of `pending`.
     fn batch(&mut self) -> Vec<Pending> {
-        let batch: Vec<Pending> = self.pending.drain(..self.pending.len().min(1024)).collect();
+        let batch: Vec<Pending> = self
+            .pending
+            .drain(..self.pending.len().min(WRITES_PER_PIPELINE))
+            .collect();
         let n = batch.iter().map(|p| p.write.events()).sum::<usize>();
         self.waiting -= n;
         batch
@@ -655,13 +642,19 @@ async fn writer(
 }
 
 fn pipeline_of(shared: &Shared, batch: &[Pending], load_script: bool) -> redis::Pipeline {
+    // Each stream's events, in the order the streams first appear.
     let mut appends: Vec<(&StreamKey, Vec<&StoredEvent>)> = Vec::new();
+    let mut slot: HashMap<&StreamKey, usize> = HashMap::new();
     let mut cursors: HashMap<&StreamKey, &Option<EventId>> = HashMap::new();
     for p in batch {
         match &p.write {
-            Write::Append { key, events } => match appends.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, evs)) => evs.extend(events.iter()),
-                None => appends.push((key, events.iter().collect())),
+            Write::Append { events, .. } if events.is_empty() => {}
+            Write::Append { key, events } => match slot.get(key) {
+                Some(&i) => appends[i].1.extend(events.iter()),
+                None => {
+                    slot.insert(key, appends.len());
+                    appends.push((key, events.iter().collect()));
+                }
             },
             Write::Cursor { key, cursor } => {
                 cursors.insert(key, cursor);
@@ -683,22 +676,40 @@ fn pipeline_of(shared: &Shared, batch: &[Pending], load_script: bool) -> redis::
             .arg("NX")
             .ignore();
     }
-    for (key, events) in appends {
+    // One script call for as many streams as fit in EVENTS_PER_CALL events
+    // (a stream's events all go in one call, however many they are).
+    let mut rest = &appends[..];
+    while !rest.is_empty() {
+        let mut streams = 0;
+        let mut events = 0;
+        while let Some((_, evs)) = rest.get(streams) {
+            if streams > 0 && events + evs.len() > EVENTS_PER_CALL {
+                break;
+            }
+            events += evs.len();
+            streams += 1;
+        }
+        let (call, after) = rest.split_at(streams);
+        rest = after;
         let cmd = pipe
             .cmd("EVALSHA")
             .arg(&shared.append_sha)
-            .arg(3)
-            .arg(shared.key(key, "log"))
-            .arg(shared.key(key, "idx"))
-            .arg(shared.key(key, "meta"))
-            .arg(r.max_events)
+            .arg(3 * call.len());
+        for (key, _) in call {
+            let [log, idx, meta] = shared.keys(key);
+            cmd.arg(log).arg(idx).arg(meta);
+        }
+        cmd.arg(r.max_events)
             .arg(r.max_bytes)
             .arg(r.max_age.as_millis() as u64);
-        for e in events {
-            cmd.arg(e.seq)
-                .arg(e.id.as_bytes())
-                .arg(e.raw.as_ref())
-                .arg(e.stored_at_ms);
+        for (_, evs) in call {
+            cmd.arg(evs.len());
+            for e in evs {
+                cmd.arg(e.seq)
+                    .arg(e.id.as_bytes())
+                    .arg(e.raw.as_ref())
+                    .arg(e.stored_at_ms);
+            }
         }
         cmd.ignore();
     }

@@ -242,3 +242,297 @@ async fn a_log_lost_without_its_meta_does_not_skew_byte_retention() {
     );
     assert_eq!(store.last_seq(&key).await.unwrap(), 8);
 }
+
+/// HLEN of a stream's idx and its meta `bytes`, read from Redis itself.
+async fn idx_len_and_bytes(
+    conn: &mut redis::aio::MultiplexedConnection,
+    store: &RedisStore,
+    key: &StreamKey,
+) -> (u64, u64) {
+    let len: u64 = redis::cmd("HLEN")
+        .arg(store.redis_key(key, "idx"))
+        .query_async(conn)
+        .await
+        .unwrap();
+    let bytes: u64 = redis::cmd("HGET")
+        .arg(store.redis_key(key, "meta"))
+        .arg("bytes")
+        .query_async(conn)
+        .await
+        .unwrap();
+    (len, bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_batched_together_keep_exact_retention_and_index() {
+    let Some(url) = redis_url() else { return };
+    let store = Arc::new(
+        RedisStore::builder(&url)
+            .prefix(unique_prefix("batched"))
+            .retention(Retention {
+                max_events: 100,
+                ..Retention::default()
+            })
+            .open()
+            .await
+            .unwrap(),
+    );
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let pipelines_before = store.pipelines();
+    // 40 streams, one event per append, all at once: the writer sends many
+    // streams' events in each script call.
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in 0..40 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let key = StreamKey::new(&format!("/s/{s}")).unwrap();
+            for n in 1..=150u64 {
+                store
+                    .append(&key, vec![ev(n, &format!("{s}-{n}"), "x")])
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    assert!(
+        store.pipelines() - pipelines_before < 40 * 150,
+        "appends were batched"
+    );
+    for s in 0..40 {
+        let key = StreamKey::new(&format!("/s/{s}")).unwrap();
+        let id = |n: u64| EventId::new(format!("{s}-{n}")).unwrap();
+        assert_eq!(store.last_seq(&key).await.unwrap(), 150);
+        assert_eq!(
+            store.recent_ids(&key, 1000).await.unwrap(),
+            (51..=150).map(id).collect::<Vec<_>>()
+        );
+        let page = store.replay(&key, &id(60), 1000).await.unwrap();
+        assert_eq!(page.outcome, ResumeOutcome::Recovered);
+        assert_eq!(
+            page.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (61..=150).collect::<Vec<_>>()
+        );
+        // Every trimmed ID left the index; the byte count is the log's.
+        let kept: u64 = (51..=150)
+            .map(|n| ev(n, &format!("{s}-{n}"), "x").raw.len() as u64)
+            .sum();
+        assert_eq!(
+            idx_len_and_bytes(&mut conn, &store, &key).await,
+            (100, kept)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_large_append_trims_in_slices_and_keeps_reused_ids() {
+    let Some(url) = redis_url() else { return };
+    let store = RedisStore::builder(&url)
+        .prefix(unique_prefix("large"))
+        .retention(Retention {
+            max_events: 100,
+            ..Retention::default()
+        })
+        .open()
+        .await
+        .unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // 3,000 events in one append (more than a script call's share and than
+    // one slice of the script's reads and deletes); every 1,000th reuses the ID "dup".
+    let id = |n: u64| {
+        if n.is_multiple_of(1000) {
+            "dup".to_owned()
+        } else {
+            n.to_string()
+        }
+    };
+    let key = StreamKey::new("/big").unwrap();
+    let small = StreamKey::new("/small").unwrap();
+    // Another stream's write in the same pipeline, before and after.
+    let (a, b, c) = tokio::join!(
+        store.append(&small, vec![ev(1, "s1", "x")]),
+        store.append(&key, (1..=3000).map(|n| ev(n, &id(n), "x")).collect()),
+        store.append(&small, vec![ev(2, "s2", "x")]),
+    );
+    a.unwrap();
+    b.unwrap();
+    c.unwrap();
+    assert_eq!(store.last_seq(&key).await.unwrap(), 3000);
+    assert_eq!(
+        store.recent_ids(&key, 1000).await.unwrap(),
+        (2901..=3000)
+            .map(|n| EventId::new(id(n)).unwrap())
+            .collect::<Vec<_>>()
+    );
+    // "dup" points at seq 3000, whose entry stays: trimming 1000 and 2000 kept it.
+    let page = store
+        .replay(&key, &EventId::new("dup").unwrap(), 10)
+        .await
+        .unwrap();
+    assert_eq!(page.outcome, ResumeOutcome::Recovered);
+    assert!(page.events.is_empty());
+    assert_eq!(
+        store
+            .replay(&key, &EventId::new("2950").unwrap(), 1000)
+            .await
+            .unwrap()
+            .events
+            .len(),
+        50
+    );
+    assert_eq!(
+        store
+            .replay(&key, &EventId::new("2899").unwrap(), 10)
+            .await
+            .unwrap()
+            .outcome,
+        ResumeOutcome::Expired
+    );
+    let (len, _) = idx_len_and_bytes(&mut conn, &store, &key).await;
+    assert_eq!(len, 100);
+    assert_eq!(
+        store.recent_ids(&small, 10).await.unwrap(),
+        ["s1", "s2"].map(|s| EventId::new(s).unwrap())
+    );
+
+    // Bytes bound: trimmed a few entries at a time, down to exactly what fits.
+    let two_digits = |n: u64| format!("{n:02}");
+    let raw_len = ev(1, &two_digits(1), "x").raw.len() as u64;
+    let bytes_store = RedisStore::builder(&url)
+        .prefix(unique_prefix("large-bytes"))
+        .retention(Retention {
+            max_bytes: raw_len * 10,
+            ..Retention::default()
+        })
+        .open()
+        .await
+        .unwrap();
+    let key = StreamKey::new("/bytes").unwrap();
+    bytes_store
+        .append(&key, (1..=9).map(|n| ev(n, &two_digits(n), "x")).collect())
+        .await
+        .unwrap();
+    bytes_store
+        .append(
+            &key,
+            (10..=50).map(|n| ev(n, &two_digits(n), "x")).collect(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        bytes_store.recent_ids(&key, 100).await.unwrap(),
+        (41..=50)
+            .map(|n| EventId::new(two_digits(n)).unwrap())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        idx_len_and_bytes(&mut conn, &bytes_store, &key).await,
+        (10, raw_len * 10)
+    );
+}
+
+#[tokio::test]
+async fn keys_get_their_ttl_also_when_the_log_is_recreated() {
+    let Some(url) = redis_url() else { return };
+    let hour = std::time::Duration::from_secs(3600);
+    let store = RedisStore::builder(&url)
+        .prefix(unique_prefix("ttl"))
+        .retention(Retention {
+            max_age: hour,
+            ..Retention::default()
+        })
+        .open()
+        .await
+        .unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = StreamKey::new("/ttl").unwrap();
+    let ttls = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut pipe = redis::pipe();
+        for part in ["log", "idx", "meta"] {
+            pipe.cmd("PTTL").arg(store.redis_key(&key, part));
+        }
+        let mut conn = conn.clone();
+        async move { pipe.query_async::<Vec<i64>>(&mut conn).await.unwrap() }
+    };
+    let in_range = |ttls: &[i64]| ttls.iter().all(|&t| t > 3_000_000 && t <= 3_600_000);
+    store
+        .append(&key, (1..=3).map(|n| ev(n, &n.to_string(), "x")).collect())
+        .await
+        .unwrap();
+    let first = ttls(&mut conn).await;
+    assert!(in_range(&first), "{first:?}");
+    // The log goes while its meta stays: the new log gets a TTL at once.
+    let _: i64 = redis::cmd("DEL")
+        .arg(store.redis_key(&key, "log"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    store.append(&key, vec![ev(4, "4", "x")]).await.unwrap();
+    let second = ttls(&mut conn).await;
+    assert!(in_range(&second), "{second:?}");
+    // A meta without the log's length (written by an older version): counted again.
+    let _: i64 = redis::cmd("HDEL")
+        .arg(store.redis_key(&key, "meta"))
+        .arg("n")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    store.append(&key, vec![ev(5, "5", "x")]).await.unwrap();
+    assert_eq!(
+        store.recent_ids(&key, 10).await.unwrap(),
+        (4..=5).map(EventId::from_u64).collect::<Vec<_>>()
+    );
+    let n: u64 = redis::cmd("HGET")
+        .arg(store.redis_key(&key, "meta"))
+        .arg("n")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_sent_without_waiting_stay_in_order_and_flush_answers_after_them() {
+    let Some(url) = redis_url() else { return };
+    let store = RedisStore::builder(&url)
+        .prefix(unique_prefix("order"))
+        .open()
+        .await
+        .unwrap();
+    let a = StreamKey::new("/a").unwrap();
+    let b = StreamKey::new("/b").unwrap();
+    // 300 appends to each of two streams, all queued before any is answered:
+    // they go out in several pipelines; an append overtaking
+    // an earlier one of its stream would have the earlier one skipped.
+    // (Unconstrained: Tokio's cooperative budget would otherwise park some
+    // sends and let later ones queue first.)
+    let appends =
+        tokio::task::unconstrained(futures_util::future::join_all((1..=300u64).flat_map(|n| {
+            [&a, &b].map(|key| {
+                let store = &store;
+                async move { store.append(key, vec![ev(n, &n.to_string(), "x")]).await }
+            })
+        })));
+    let flushed = async {
+        store.flush().await.unwrap();
+        // Everything queued before the flush is written when it answers.
+        (
+            store.last_seq(&a).await.unwrap(),
+            store.last_seq(&b).await.unwrap(),
+        )
+    };
+    let (results, at_flush) = tokio::join!(appends, flushed);
+    assert!(results.iter().all(Result::is_ok));
+    assert_eq!(at_flush, (300, 300));
+    for key in [&a, &b] {
+        assert_eq!(
+            store.recent_ids(key, 1000).await.unwrap(),
+            (1..=300).map(EventId::from_u64).collect::<Vec<_>>()
+        );
+    }
+}
