@@ -148,6 +148,9 @@ pub struct Parser {
     /// A whole BOM was skipped and no frame has been dispatched since.
     bom_skipped: bool,
     block: Block,
+    /// The current block's `data` values joined with LF, from its second
+    /// `data` line on; events take their part, so one allocation serves many.
+    joined: BytesMut,
     last_id: Option<EventId>,
     retry: Option<u64>,
     failed: Option<ParseError>,
@@ -169,6 +172,7 @@ impl Parser {
             bom_done: false,
             bom_skipped: false,
             block: Block::default(),
+            joined: BytesMut::new(),
             last_id: None,
             retry: None,
             failed: None,
@@ -214,6 +218,7 @@ impl Parser {
         self.bom_done = false;
         self.bom_skipped = false;
         self.block = Block::default();
+        self.joined.clear();
         self.failed = None;
     }
 
@@ -313,7 +318,8 @@ impl Parser {
                 let base = self.block_start;
                 dispatch = process_line(
                     &mut self.block,
-                    &self.chunk[line_start..line_end_abs],
+                    &mut self.joined,
+                    &self.chunk[base..line_end_abs],
                     line_start - base,
                 )?;
                 self.pos = next_pos;
@@ -338,7 +344,8 @@ impl Parser {
                 }
                 dispatch = process_line(
                     &mut self.block,
-                    &self.pending[line_start..line_end],
+                    &mut self.joined,
+                    &self.pending[..line_end],
                     line_start,
                 )?;
                 self.pos = next_pos;
@@ -409,8 +416,9 @@ impl Parser {
             self.last_id = if value.is_empty() {
                 None
             } else if block.id_utf8 {
-                Some(EventId::from_validated(
-                    raw.slice(r.start as usize..r.end as usize),
+                Some(EventId::from_validated_part(
+                    &raw,
+                    r.start as usize..r.end as usize,
                 ))
             } else {
                 // The stream is decoded as UTF-8 with replacement characters.
@@ -427,7 +435,7 @@ impl Parser {
         let data = if block.data_lines == 1 {
             DataRepr::Single(block.first_data.unwrap_or(0..0))
         } else {
-            DataRepr::Lines(block.data_lines)
+            DataRepr::Joined(self.joined.split().freeze(), block.data_lines)
         };
         Frame::Event(Event {
             raw,
@@ -497,9 +505,16 @@ pub(crate) fn split_field(line: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-/// Interprets one line of a block; returns whether it dispatches (a blank line).
+/// Interprets the line that starts at `offset` in `bytes`, the block so far
+/// (terminator excluded); returns whether it dispatches (a blank line).
 #[inline(always)]
-fn process_line(block: &mut Block, line: &[u8], offset: usize) -> Result<bool, ParseError> {
+fn process_line(
+    block: &mut Block,
+    joined: &mut BytesMut,
+    bytes: &[u8],
+    offset: usize,
+) -> Result<bool, ParseError> {
+    let line = &bytes[offset..];
     if line.is_empty() {
         return Ok(true);
     }
@@ -513,6 +528,19 @@ fn process_line(block: &mut Block, line: &[u8], offset: usize) -> Result<bool, P
         Field::Data => {
             if block.data_lines == 0 {
                 block.first_data = Some(range);
+            } else {
+                // Joined as they come, while the line is at hand: `Event::data`
+                // then neither scans the block again nor allocates.
+                if block.data_lines == 1 {
+                    let first = block.first_data.clone().unwrap_or(0..0);
+                    let first = &bytes[first.start as usize..first.end as usize];
+                    reserve_joined(joined, first.len() + 1 + value.len());
+                    joined.extend_from_slice(first);
+                } else {
+                    reserve_joined(joined, 1 + value.len());
+                }
+                joined.extend_from_slice(b"\n");
+                joined.extend_from_slice(value);
             }
             block.data_lines += 1;
         }
@@ -545,6 +573,18 @@ fn process_line(block: &mut Block, line: &[u8], offset: usize) -> Result<bool, P
     }
     Ok(false)
 }
+
+/// Makes room for `additional` bytes in the join buffer, in steps of at least
+/// [`JOIN_STEP`] so that a run of small events shares one allocation.
+#[inline(always)]
+fn reserve_joined(joined: &mut BytesMut, additional: usize) {
+    if joined.capacity() - joined.len() < additional {
+        joined.reserve(additional.max(JOIN_STEP));
+    }
+}
+
+/// The smallest allocation of the join buffer.
+const JOIN_STEP: usize = 8 * 1024;
 
 /// The index of the first CR or LF in `hay`.
 ///
