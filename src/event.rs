@@ -182,6 +182,24 @@ impl EventId {
         )
     }
 
+    /// Sets `slot` to the validated bytes `raw[range]`, in place when both fit inline.
+    #[inline(always)]
+    pub(crate) fn set_validated_part(slot: &mut Option<EventId>, raw: &Bytes, range: Range<usize>) {
+        if let Some(EventId(IdRepr::Inline { len, buf })) = slot {
+            if range.len() <= INLINE_ID {
+                // A whole buffer's worth when the bytes reach that far: a few fixed
+                // moves instead of a `memcpy` call. Bytes past `len` are never read.
+                match raw[range.start..].first_chunk::<INLINE_ID>() {
+                    Some(window) => *buf = *window,
+                    None => buf[..range.len()].copy_from_slice(&raw[range.clone()]),
+                }
+                *len = range.len() as u8;
+                return;
+            }
+        }
+        *slot = Some(Self::from_validated_part(raw, range));
+    }
+
     /// Wraps validated bytes, copying them.
     #[inline]
     pub(crate) fn from_validated_slice(bytes: &[u8]) -> Self {

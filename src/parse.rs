@@ -444,18 +444,19 @@ impl Parser {
         let has_id_field = block.id.is_some();
         if let Some(r) = block.id {
             let value = &raw[r.start as usize..r.end as usize];
-            self.last_id = if value.is_empty() {
-                None
+            if value.is_empty() {
+                self.last_id = None;
             } else if block.id_utf8 {
-                Some(EventId::from_validated_part(
+                EventId::set_validated_part(
+                    &mut self.last_id,
                     &raw,
                     r.start as usize..r.end as usize,
-                ))
+                );
             } else {
                 // The stream is decoded as UTF-8 with replacement characters.
                 let s = String::from_utf8_lossy(value).into_owned();
-                Some(EventId::from_validated(Bytes::from(s)))
-            };
+                self.last_id = Some(EventId::from_validated(Bytes::from(s)));
+            }
         }
         if let Some(retry) = block.retry {
             self.retry = Some(retry);
