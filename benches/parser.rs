@@ -4,14 +4,15 @@
 //! Every contender sees the same corpus, split into the same 16 KiB `Bytes`
 //! chunks (slices of one buffer), and touches each event's data (sums its
 //! length). Each corpus is measured twice, in a `bytes/*` group (MB/s) and an
-//! `events/*` group (events/s).
+//! `events/*` group (events/s). A last table interleaves the contenders
+//! pass by pass, for a machine whose load drifts during the run.
 //!
 //! Run with `cargo bench --bench parser`.
 
 use std::convert::Infallible;
 use std::hint::black_box;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use criterion::{
@@ -240,6 +241,48 @@ fn parsers(c: &mut Criterion) {
             }
             group.finish();
         }
+    }
+    interleaved(&corpora);
+}
+
+/// A second view of the same runs, robust to a machine whose load drifts
+/// while criterion measures one contender after another: rounds in which each
+/// contender parses the corpus once in turn, keeping each one's fastest pass.
+/// Prints MB/s and tower-sse's ratio to the faster of the two crates.
+fn interleaved(corpora: &[Corpus]) {
+    const ROUNDS: usize = 20;
+    eprintln!("\ninterleaved, fastest of {ROUNDS} rounds (MB/s):");
+    eprintln!(
+        "{:<14} {:>10} {:>19} {:>11} {:>8} {:>22}",
+        "corpus",
+        "tower-sse",
+        "eventsource-stream",
+        "sse-stream",
+        "memchr",
+        "tower-sse / faster crate"
+    );
+    for corpus in corpora {
+        let mut best = [f64::MAX; CONTENDERS.len()];
+        for round in 0..ROUNDS {
+            // The order turns every round, so that no contender always follows
+            // the same one (which leaves the caches in its own state).
+            for k in 0..CONTENDERS.len() {
+                let k = (k + round) % CONTENDERS.len();
+                let start = Instant::now();
+                black_box((CONTENDERS[k].1)(black_box(&corpus.chunks)));
+                best[k] = best[k].min(start.elapsed().as_secs_f64());
+            }
+        }
+        let mbps = best.map(|secs| corpus.len as f64 / secs / 1e6);
+        eprintln!(
+            "{:<14} {:>10.0} {:>19.0} {:>11.0} {:>8.0} {:>21.2}x",
+            corpus.name,
+            mbps[0],
+            mbps[1],
+            mbps[2],
+            mbps[3],
+            mbps[0] / mbps[1].max(mbps[2])
+        );
     }
 }
 

@@ -13,8 +13,66 @@ use crate::parse::{self, split_field, Frame, Limits, Parser};
 /// One validation serves both places: valid UTF-8, no NUL, CR or LF, and at
 /// most [`EventId::MAX_LEN`] bytes. An ID kept beyond an event's delivery is
 /// [copied](EventId::detached) so that it never pins the upstream chunk it came in.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EventId(Bytes);
+#[derive(Clone)]
+pub struct EventId(IdRepr);
+
+/// Short IDs (the common case: counters, UUIDs, ULIDs) are kept inline, so that
+/// carrying the last event ID from event to event costs a copy of a few bytes
+/// rather than reference-count updates on the chunk they came in.
+#[derive(Clone)]
+enum IdRepr {
+    Inline { len: u8, buf: [u8; INLINE_ID] },
+    Shared(Bytes),
+}
+
+/// The longest ID kept inline: a UUID's 36 characters and a little more.
+const INLINE_ID: usize = 38;
+
+impl IdRepr {
+    #[inline]
+    fn from_slice(id: &[u8]) -> Option<Self> {
+        let mut buf = [0; INLINE_ID];
+        buf.get_mut(..id.len())?.copy_from_slice(id);
+        Some(IdRepr::Inline {
+            len: id.len() as u8,
+            buf,
+        })
+    }
+
+    #[inline]
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            IdRepr::Inline { len, buf } => &buf[..usize::from(*len)],
+            IdRepr::Shared(b) => b,
+        }
+    }
+}
+
+impl PartialEq for EventId {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for EventId {}
+
+impl std::hash::Hash for EventId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+    }
+}
+
+impl PartialOrd for EventId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for EventId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
 
 impl EventId {
     /// The longest accepted event ID, in bytes (1 KiB).
@@ -30,7 +88,7 @@ impl EventId {
     pub fn new(id: impl Into<Bytes>) -> Result<Self, InvalidEventId> {
         let id = id.into();
         Self::validate(&id)?;
-        Ok(EventId(id))
+        Ok(Self::from_validated(id))
     }
 
     /// Validates raw bytes, such as a `Last-Event-ID` header value, without copying.
@@ -49,33 +107,36 @@ impl EventId {
 
     /// Builds an ID from an integer.
     pub fn from_u64(n: u64) -> Self {
-        EventId(Bytes::from(n.to_string()))
+        Self::from_validated_slice(n.to_string().as_bytes())
     }
 
     /// The ID as text.
     pub fn as_str(&self) -> &str {
         // Validated at construction; the fallback is unreachable but keeps input away from panics.
-        std::str::from_utf8(&self.0).unwrap_or_default()
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
     }
 
     /// The ID's bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        self.0.as_bytes()
     }
 
     /// The ID's length in bytes.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.as_bytes().len()
     }
 
     /// Whether the ID is empty (an empty `id:` field resets the last event ID).
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.as_bytes().is_empty()
     }
 
     /// A copy that owns its bytes, for keeping past delivery.
     pub fn detached(&self) -> Self {
-        EventId(Bytes::copy_from_slice(&self.0))
+        match &self.0 {
+            IdRepr::Inline { .. } => self.clone(),
+            IdRepr::Shared(b) => EventId(IdRepr::Shared(Bytes::copy_from_slice(b))),
+        }
     }
 
     /// Splits a `prefix-integer` or plain integer ID into its prefix and number.
@@ -106,8 +167,46 @@ impl EventId {
         digits.parse::<u64>().ok().map(|n| (prefix, n))
     }
 
+    /// Wraps validated bytes: a short ID is copied inline, a long one kept as it is.
     pub(crate) fn from_validated(bytes: Bytes) -> Self {
-        EventId(bytes)
+        EventId(IdRepr::from_slice(&bytes).unwrap_or(IdRepr::Shared(bytes)))
+    }
+
+    /// Wraps the validated bytes `raw[range]`: a short ID is copied inline, a
+    /// long one shares `raw`.
+    #[inline]
+    pub(crate) fn from_validated_part(raw: &Bytes, range: Range<usize>) -> Self {
+        EventId(
+            IdRepr::from_slice(&raw[range.clone()])
+                .unwrap_or_else(|| IdRepr::Shared(raw.slice(range))),
+        )
+    }
+
+    /// Sets `slot` to the validated bytes `raw[range]`, in place when both fit inline.
+    #[inline(always)]
+    pub(crate) fn set_validated_part(slot: &mut Option<EventId>, raw: &Bytes, range: Range<usize>) {
+        if let Some(EventId(IdRepr::Inline { len, buf })) = slot {
+            if range.len() <= INLINE_ID {
+                // A whole buffer's worth when the bytes reach that far: a few fixed
+                // moves instead of a `memcpy` call. Bytes past `len` are never read.
+                match raw[range.start..].first_chunk::<INLINE_ID>() {
+                    Some(window) => *buf = *window,
+                    None => buf[..range.len()].copy_from_slice(&raw[range.clone()]),
+                }
+                *len = range.len() as u8;
+                return;
+            }
+        }
+        *slot = Some(Self::from_validated_part(raw, range));
+    }
+
+    /// Wraps validated bytes, copying them.
+    #[inline]
+    pub(crate) fn from_validated_slice(bytes: &[u8]) -> Self {
+        EventId(
+            IdRepr::from_slice(bytes)
+                .unwrap_or_else(|| IdRepr::Shared(Bytes::copy_from_slice(bytes))),
+        )
     }
 }
 
@@ -151,22 +250,33 @@ pub enum InvalidEventId {
     NotUtf8,
 }
 
-/// `String::from_utf8_lossy`, with valid UTF-8 (the common case) checked by the
-/// much faster `str::from_utf8` first: the lossy decoder walks byte by byte.
+/// `String::from_utf8_lossy`, with valid UTF-8 (the common case) checked by a
+/// much faster validator first: the lossy decoder walks byte by byte. Long
+/// values go to `simdutf8` (several times faster than `str::from_utf8` there);
+/// short ones stay with the standard library, as SIMD setup does not pay off.
 #[inline]
 fn utf8_lossy(bytes: &[u8]) -> Cow<'_, str> {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => Cow::Borrowed(s),
-        Err(_) => String::from_utf8_lossy(bytes),
+    const SIMD_MIN: usize = 64;
+    let valid = if bytes.len() >= SIMD_MIN {
+        simdutf8::basic::from_utf8(bytes).ok()
+    } else {
+        std::str::from_utf8(bytes).ok()
+    };
+    match valid {
+        Some(s) => Cow::Borrowed(s),
+        None => String::from_utf8_lossy(bytes),
     }
 }
 
-/// Where an event's data lives inside its raw bytes.
+/// Where an event's data lives.
 #[derive(Clone, Debug)]
 pub(crate) enum DataRepr {
     /// Exactly one `data` line: its value's range in `raw`.
     Single(Range<u32>),
-    /// Several `data` lines, joined on demand.
+    /// Several `data` lines (how many), joined with LF by the parser as it read them.
+    Joined(Bytes, u32),
+    /// Several `data` lines, joined on demand (a detached event, which does not
+    /// keep a second copy of its data).
     Lines(u32),
 }
 
@@ -228,18 +338,16 @@ impl Event {
     pub fn data(&self) -> Cow<'_, str> {
         match &self.data {
             DataRepr::Single(r) => utf8_lossy(&self.raw[r.start as usize..r.end as usize]),
+            DataRepr::Joined(b, _) => utf8_lossy(b),
             DataRepr::Lines(n) => {
                 let mut out = Vec::with_capacity(self.raw.len());
                 let mut seen = 0;
-                parse::for_each_line(&self.raw, |line| {
-                    let (name, value) = split_field(line);
-                    if name == b"data" {
-                        if seen > 0 {
-                            out.push(b'\n');
-                        }
-                        out.extend_from_slice(value);
-                        seen += 1;
+                self.for_each_data_line(|value| {
+                    if seen > 0 {
+                        out.push(b'\n');
                     }
+                    out.extend_from_slice(value);
+                    seen += 1;
                 });
                 debug_assert_eq!(seen, *n);
                 // Valid UTF-8 (the common case) is checked at SIMD speed and kept as is.
@@ -251,11 +359,27 @@ impl Event {
         }
     }
 
-    /// The length of the event's data in bytes, without joining lines.
+    /// Calls `f` with the value of each `data` line in `raw`.
+    fn for_each_data_line(&self, mut f: impl FnMut(&[u8])) {
+        parse::for_each_line(&self.raw, |line| {
+            let (name, value) = split_field(line);
+            if name == b"data" {
+                f(value);
+            }
+        });
+    }
+
+    /// The length in bytes of the event's data as received (before invalid
+    /// UTF-8 is replaced), without joining lines.
     pub fn data_len(&self) -> usize {
         match &self.data {
             DataRepr::Single(r) => (r.end - r.start) as usize,
-            DataRepr::Lines(_) => self.data().len(),
+            DataRepr::Joined(b, _) => b.len(),
+            DataRepr::Lines(n) => {
+                let mut len = *n as usize - 1;
+                self.for_each_data_line(|value| len += value.len());
+                len
+            }
         }
     }
 
@@ -304,9 +428,14 @@ impl Event {
 
     /// A copy owning its bytes, so that keeping it does not pin the chunk it came in.
     pub fn detached(&self) -> Event {
+        let data = match &self.data {
+            DataRepr::Joined(_, n) => DataRepr::Lines(*n),
+            other => other.clone(),
+        };
         Event {
             raw: Bytes::copy_from_slice(&self.raw),
             last_event_id: self.last_event_id.as_ref().map(EventId::detached),
+            data,
             ..self.clone()
         }
     }

@@ -148,6 +148,9 @@ pub struct Parser {
     /// A whole BOM was skipped and no frame has been dispatched since.
     bom_skipped: bool,
     block: Block,
+    /// The current block's `data` values joined with LF, from its second
+    /// `data` line on; events take their part, so one allocation serves many.
+    joined: BytesMut,
     last_id: Option<EventId>,
     retry: Option<u64>,
     failed: Option<ParseError>,
@@ -169,6 +172,7 @@ impl Parser {
             bom_done: false,
             bom_skipped: false,
             block: Block::default(),
+            joined: BytesMut::new(),
             last_id: None,
             retry: None,
             failed: None,
@@ -214,6 +218,7 @@ impl Parser {
         self.bom_done = false;
         self.bom_skipped = false;
         self.block = Block::default();
+        self.joined.clear();
         self.failed = None;
     }
 
@@ -282,6 +287,9 @@ impl Parser {
 
     fn next_frame_inner(&mut self) -> Result<Option<Frame>, ParseError> {
         loop {
+            if self.pending.is_empty() {
+                return self.next_frame_in_chunk();
+            }
             let rest = &self.chunk[self.pos..];
             let Some(i) = find_eol(rest) else {
                 self.stash_tail()?;
@@ -301,55 +309,85 @@ impl Parser {
             };
             let line_end_abs = self.pos + i;
             let next_pos = self.pos + term_end;
-            let dispatch;
-            if self.pending.is_empty() {
-                let line_start = self.pos;
-                if i > self.limits.max_line_len {
-                    return Err(ParseError::LineTooLong(self.limits.max_line_len));
-                }
-                if next_pos - self.block_start > self.limits.max_event_len {
-                    return Err(ParseError::EventTooLarge(self.limits.max_event_len));
-                }
-                let base = self.block_start;
-                dispatch = process_line(
-                    &mut self.block,
-                    &self.chunk[line_start..line_end_abs],
-                    line_start - base,
-                )?;
-                self.pos = next_pos;
-                if dispatch {
-                    let raw = self.chunk.slice(self.block_start..next_pos);
-                    self.block_start = next_pos;
-                    return Ok(Some(self.dispatch(raw)));
+            // The block began in an earlier chunk: its lines go on in `pending`.
+            self.pending
+                .extend_from_slice(&self.chunk[self.pos..line_end_abs]);
+            let line_len = self.pending.len() - self.line_start;
+            if line_len > self.limits.max_line_len {
+                return Err(ParseError::LineTooLong(self.limits.max_line_len));
+            }
+            let line_start = self.line_start;
+            let line_end = self.pending.len();
+            self.pending
+                .extend_from_slice(&self.chunk[line_end_abs..next_pos]);
+            if self.pending.len() > self.limits.max_event_len {
+                return Err(ParseError::EventTooLarge(self.limits.max_event_len));
+            }
+            let dispatch = process_line(
+                &mut self.block,
+                &mut self.joined,
+                &self.pending[..line_end],
+                line_start,
+            )?;
+            self.pos = next_pos;
+            self.block_start = next_pos;
+            self.line_start = self.pending.len();
+            if dispatch {
+                let raw = self.pending.split().freeze();
+                self.pending_hint = raw.len();
+                self.line_start = 0;
+                return Ok(Some(self.dispatch(raw)));
+            }
+        }
+    }
+
+    /// The next frame of a block that starts in the current chunk: its lines
+    /// are read in place, with the position kept in a local until the frame
+    /// is out (the common case, and the hot loop).
+    #[inline(always)]
+    fn next_frame_in_chunk(&mut self) -> Result<Option<Frame>, ParseError> {
+        let base = self.block_start;
+        let mut pos = self.pos;
+        let limits = self.limits;
+        let chunk: &[u8] = &self.chunk;
+        loop {
+            let rest = &chunk[pos..];
+            let Some(i) = find_eol(rest) else {
+                self.pos = pos;
+                self.stash_tail()?;
+                return Ok(None);
+            };
+            let term_end = if rest[i] == b'\r' {
+                match rest.get(i + 1) {
+                    Some(b'\n') => i + 2,
+                    Some(_) => i + 1,
+                    None => {
+                        self.skip_lf = true;
+                        i + 1
+                    }
                 }
             } else {
-                self.pending
-                    .extend_from_slice(&self.chunk[self.pos..line_end_abs]);
-                let line_len = self.pending.len() - self.line_start;
-                if line_len > self.limits.max_line_len {
-                    return Err(ParseError::LineTooLong(self.limits.max_line_len));
-                }
-                let line_start = self.line_start;
-                let line_end = self.pending.len();
-                self.pending
-                    .extend_from_slice(&self.chunk[line_end_abs..next_pos]);
-                if self.pending.len() > self.limits.max_event_len {
-                    return Err(ParseError::EventTooLarge(self.limits.max_event_len));
-                }
-                dispatch = process_line(
-                    &mut self.block,
-                    &self.pending[line_start..line_end],
-                    line_start,
-                )?;
-                self.pos = next_pos;
-                self.block_start = next_pos;
-                self.line_start = self.pending.len();
-                if dispatch {
-                    let raw = self.pending.split().freeze();
-                    self.pending_hint = raw.len();
-                    self.line_start = 0;
-                    return Ok(Some(self.dispatch(raw)));
-                }
+                i + 1
+            };
+            if i > limits.max_line_len {
+                return Err(ParseError::LineTooLong(limits.max_line_len));
+            }
+            let next_pos = pos + term_end;
+            if next_pos - base > limits.max_event_len {
+                return Err(ParseError::EventTooLarge(limits.max_event_len));
+            }
+            let dispatch = process_line(
+                &mut self.block,
+                &mut self.joined,
+                &chunk[base..pos + i],
+                pos - base,
+            )?;
+            pos = next_pos;
+            if dispatch {
+                self.pos = pos;
+                self.block_start = pos;
+                let raw = self.chunk.slice(base..pos);
+                return Ok(Some(self.dispatch(raw)));
             }
         }
     }
@@ -406,17 +444,19 @@ impl Parser {
         let has_id_field = block.id.is_some();
         if let Some(r) = block.id {
             let value = &raw[r.start as usize..r.end as usize];
-            self.last_id = if value.is_empty() {
-                None
+            if value.is_empty() {
+                self.last_id = None;
             } else if block.id_utf8 {
-                Some(EventId::from_validated(
-                    raw.slice(r.start as usize..r.end as usize),
-                ))
+                EventId::set_validated_part(
+                    &mut self.last_id,
+                    &raw,
+                    r.start as usize..r.end as usize,
+                );
             } else {
                 // The stream is decoded as UTF-8 with replacement characters.
                 let s = String::from_utf8_lossy(value).into_owned();
-                Some(EventId::from_validated(Bytes::from(s)))
-            };
+                self.last_id = Some(EventId::from_validated(Bytes::from(s)));
+            }
         }
         if let Some(retry) = block.retry {
             self.retry = Some(retry);
@@ -427,7 +467,7 @@ impl Parser {
         let data = if block.data_lines == 1 {
             DataRepr::Single(block.first_data.unwrap_or(0..0))
         } else {
-            DataRepr::Lines(block.data_lines)
+            DataRepr::Joined(self.joined.split().freeze(), block.data_lines)
         };
         Frame::Event(Event {
             raw,
@@ -497,9 +537,16 @@ pub(crate) fn split_field(line: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-/// Interprets one line of a block; returns whether it dispatches (a blank line).
+/// Interprets the line that starts at `offset` in `bytes`, the block so far
+/// (terminator excluded); returns whether it dispatches (a blank line).
 #[inline(always)]
-fn process_line(block: &mut Block, line: &[u8], offset: usize) -> Result<bool, ParseError> {
+fn process_line(
+    block: &mut Block,
+    joined: &mut BytesMut,
+    bytes: &[u8],
+    offset: usize,
+) -> Result<bool, ParseError> {
+    let line = &bytes[offset..];
     if line.is_empty() {
         return Ok(true);
     }
@@ -513,6 +560,19 @@ fn process_line(block: &mut Block, line: &[u8], offset: usize) -> Result<bool, P
         Field::Data => {
             if block.data_lines == 0 {
                 block.first_data = Some(range);
+            } else {
+                // Joined as they come, while the line is at hand: `Event::data`
+                // then neither scans the block again nor allocates.
+                if block.data_lines == 1 {
+                    let first = block.first_data.clone().unwrap_or(0..0);
+                    let first = &bytes[first.start as usize..first.end as usize];
+                    reserve_joined(joined, first.len() + 1 + value.len());
+                    joined.extend_from_slice(first);
+                } else {
+                    reserve_joined(joined, 1 + value.len());
+                }
+                joined.extend_from_slice(b"\n");
+                joined.extend_from_slice(value);
             }
             block.data_lines += 1;
         }
@@ -546,28 +606,43 @@ fn process_line(block: &mut Block, line: &[u8], offset: usize) -> Result<bool, P
     Ok(false)
 }
 
+/// Makes room for `additional` bytes in the join buffer, in steps of at least
+/// [`JOIN_STEP`] so that a run of small events shares one allocation.
+#[inline(always)]
+fn reserve_joined(joined: &mut BytesMut, additional: usize) {
+    if joined.capacity() - joined.len() < additional {
+        joined.reserve(additional.max(JOIN_STEP));
+    }
+}
+
+/// The smallest allocation of the join buffer.
+const JOIN_STEP: usize = 8 * 1024;
+
 /// The index of the first CR or LF in `hay`.
 ///
 /// SSE lines are mostly short, and a `memchr2` call costs more than scanning a
-/// short line: the first 64 bytes are scanned inline, eight at a time in a
-/// `u64`, and only a longer line calls `memchr2`.
+/// short line: the first 64 bytes are scanned inline, sixteen at a time in two
+/// `u64`s, and only a longer line calls `memchr2`.
 #[inline(always)]
 fn find_eol(hay: &[u8]) -> Option<usize> {
     const INLINE: usize = 64;
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
     let mut at = 0;
-    while let Some(word) = hay[at..].first_chunk::<8>() {
-        let word = u64::from_le_bytes(*word);
+    while let Some(block) = hay.get(at..).and_then(<[u8]>::first_chunk::<16>) {
+        let (a, b) = block.split_at(8);
+        let a = u64::from_le_bytes(a.try_into().unwrap_or_default());
+        let b = u64::from_le_bytes(b.try_into().unwrap_or_default());
         // Cheap filter: zero unless some byte is below 14, as LF (10) and CR (13) are.
-        let below14 = word.wrapping_sub(LO * 14) & !word & HI;
-        if below14 != 0 {
-            let mask = eol_mask(word);
+        if below14(a) | below14(b) != 0 {
+            let mask = eol_mask(a);
             if mask != 0 {
                 return Some(at + (mask.trailing_zeros() / 8) as usize);
             }
+            let mask = eol_mask(b);
+            if mask != 0 {
+                return Some(at + 8 + (mask.trailing_zeros() / 8) as usize);
+            }
         }
-        at += 8;
+        at += 16;
         if at == INLINE {
             return memchr::memchr2(b'\n', b'\r', &hay[at..]).map(|i| at + i);
         }
@@ -576,6 +651,14 @@ fn find_eol(hay: &[u8]) -> Option<usize> {
         .iter()
         .position(|&b| b == b'\n' || b == b'\r')
         .map(|i| at + i)
+}
+
+/// Flags (high bit) the bytes of `word` below 14; may flag more after the first.
+#[inline(always)]
+fn below14(word: u64) -> u64 {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    word.wrapping_sub(LO * 14) & !word & HI
 }
 
 /// Flags the bytes of `word` (little-endian) that are CR or LF: the lowest flag

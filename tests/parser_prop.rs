@@ -189,6 +189,16 @@ fn expected_forwarded(input: &[u8], cuts: &[usize]) -> Vec<u8> {
 
 fn seen(frame: &Frame) -> Option<Seen> {
     let Frame::Event(ev) = frame else { return None };
+    // A detached event (as stores keep them) joins its data lines on demand
+    // rather than as parsed: both must agree, on the data and on its length.
+    let detached = ev.detached();
+    assert_eq!(detached.data(), ev.data(), "detached data of {ev:?}");
+    assert_eq!(
+        detached.data_len(),
+        ev.data_len(),
+        "detached data_len of {ev:?}"
+    );
+    assert_eq!(detached.last_event_id(), ev.last_event_id());
     Some(Seen {
         event_type: ev.event_type().into_owned(),
         data: ev.data().into_owned(),

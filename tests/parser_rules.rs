@@ -799,6 +799,23 @@ fn restart_drops_a_half_received_event() {
 }
 
 #[test]
+fn restart_drops_the_data_lines_of_a_half_received_event() {
+    let mut p = Parser::new(Limits::default());
+    // Cut both inside the block (joined lines held in the chunk) and after it
+    // moved to the pending buffer.
+    for half in [&b"data: a\ndata: b\n"[..], b"data: a\ndata: b\ndata: c"] {
+        p.feed(Bytes::copy_from_slice(half));
+        assert_eq!(p.next_frame(), Ok(None));
+        p.restart();
+        p.feed(Bytes::from_static(b"data: x\ndata: y\n\n"));
+        match p.next_frame().unwrap() {
+            Some(Frame::Event(ev)) => assert_eq!(ev.data(), "x\ny", "the half event was glued on"),
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn restart_forgets_a_pending_cr() {
     // After a reconnect, an LF at the start of the new connection is a blank line of its own.
     let mut p = Parser::new(Limits::default());
@@ -818,4 +835,100 @@ fn restart_clears_a_limit_error() {
     p.restart();
     p.feed(Bytes::from_static(b"data: ok\n\n"));
     assert!(matches!(p.next_frame(), Ok(Some(Frame::Event(ev))) if ev.data() == "ok"));
+}
+
+// ---------------------------------------------------------------------------
+// Event IDs of every length: short ones are kept inline, long ones shared
+// ---------------------------------------------------------------------------
+
+#[test]
+fn ids_of_every_length_carry_over_exactly() {
+    // Long then short then long, at the block's end (little or nothing after
+    // the ID in the block) and at its start (the rest of the block after it).
+    let lengths = [1, 37, 38, 39, 40, 200, 3, 38, 1, 64, 0, 2];
+    let mut input = Vec::new();
+    let mut want = Vec::new();
+    let mut last: Option<String> = None;
+    for (n, len) in lengths.iter().enumerate() {
+        let id: String = (0..*len)
+            .map(|i| (b'a' + ((i + n) % 26) as u8) as char)
+            .collect();
+        let at_end = n % 2 == 0;
+        let block = if at_end {
+            format!("data: {n}\nid: {id}\n\n")
+        } else {
+            format!("id: {id}\ndata: {n}\n\n")
+        };
+        input.extend_from_slice(block.as_bytes());
+        last = (!id.is_empty()).then_some(id);
+        want.push(Seen {
+            last_event_id: last.clone(),
+            id: last.clone(),
+            ..msg(&n.to_string())
+        });
+        // An event without an `id` field carries the last one over.
+        input.extend_from_slice(b"data: carried\n\n");
+        want.push(Seen {
+            last_event_id: last.clone(),
+            ..msg("carried")
+        });
+    }
+    assert_eq!(events_of(&input), want);
+    let run = run(&[&input]);
+    assert_eq!(
+        run.parser.last_event_id().map(EventId::as_str),
+        last.as_deref()
+    );
+}
+
+#[test]
+fn event_ids_compare_and_hash_by_their_text_whatever_their_length() {
+    use std::collections::hash_map::DefaultHasher;
+    use std::hash::{Hash, Hasher};
+    fn hash(id: &EventId) -> u64 {
+        let mut h = DefaultHasher::new();
+        id.hash(&mut h);
+        h.finish()
+    }
+    for len in [0, 1, 38, 39, 1024] {
+        let text = "x".repeat(len);
+        let a = EventId::new(text.clone()).unwrap();
+        let b = EventId::try_from(text.as_str()).unwrap();
+        let parsed = Event::parse(Bytes::from(format!("id: {text}\ndata: d\n\n")))
+            .unwrap()
+            .last_event_id()
+            .cloned();
+        assert_eq!(a.as_str(), text);
+        assert_eq!(a.len(), len);
+        assert_eq!(a, b);
+        assert_eq!(hash(&a), hash(&b));
+        assert_eq!(a.detached(), a);
+        if len > 0 {
+            assert_eq!(parsed.as_ref(), Some(&a));
+            assert_eq!(hash(parsed.as_ref().unwrap()), hash(&a));
+        }
+    }
+    let ids: Vec<EventId> = ["b", "a", &"a".repeat(50), "ab"]
+        .iter()
+        .map(|s| EventId::try_from(*s).unwrap())
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    let texts: Vec<&str> = sorted.iter().map(EventId::as_str).collect();
+    assert_eq!(texts, ["a", &"a".repeat(50), "ab", "b"]);
+}
+
+#[test]
+fn multi_line_data_is_the_same_joined_while_parsing_or_on_demand() {
+    let input =
+        b"data: one\r\ndata\ndata:  two\n: note\nevent: e\ndata:three\rid: 9\ndata: \xFF\n\n";
+    let ev = Event::parse(Bytes::from_static(input)).unwrap();
+    let want = "one\n\n two\nthree\n\u{FFFD}";
+    assert_eq!(ev.data(), want);
+    assert_eq!(ev.data_len(), "one\n\n two\nthree\n".len() + 1);
+    let kept = ev.detached();
+    assert_eq!(kept.data(), want);
+    assert_eq!(kept.data_len(), ev.data_len());
+    // Split one byte at a time the event is copied into one buffer: same data.
+    assert_eq!(events_of(input)[0].data, want);
 }
