@@ -577,15 +577,22 @@ where
                         let Some(limit) = self.policy.watchdog else {
                             return Poll::Pending;
                         };
-                        let deadline = tokio::time::Instant::from_std(self.last_data + limit);
-                        let timer = self
-                            .watchdog
-                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                        if timer.deadline() != deadline {
-                            timer.as_mut().reset(deadline);
-                        }
-                        if timer.as_mut().poll(cx).is_pending() {
-                            return Poll::Pending;
+                        // Lazy: the timer keeps the deadline it was armed with;
+                        // data since then is checked when it fires, and only then
+                        // is it re-armed (not reset on every chunk).
+                        let deadline = |last: Instant| tokio::time::Instant::from_std(last + limit);
+                        let timer = self.watchdog.get_or_insert_with(|| {
+                            Box::pin(tokio::time::sleep_until(deadline(self.last_data)))
+                        });
+                        loop {
+                            if timer.as_mut().poll(cx).is_pending() {
+                                return Poll::Pending;
+                            }
+                            let now_due = deadline(self.last_data);
+                            if now_due <= timer.deadline() {
+                                break;
+                            }
+                            timer.as_mut().reset(now_due);
                         }
                         let error = format!("upstream silent for {limit:?}").into();
                         if let Err(close) = self.fail(error, stream) {
