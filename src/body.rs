@@ -653,11 +653,13 @@ impl Pipeline {
                         if let Some(arrived) = event.arrived() {
                             registry.latency().record(arrived.elapsed());
                         }
-                        out.cursor = Some(event.last_event_id().cloned());
                         out.events += 1;
                     }
                     for s in &mut self.stages {
                         s.on_delivered(&event);
+                    }
+                    if self.conn.is_some() {
+                        out.cursor = Some(event.last_event_id);
                     }
                     out.push(event.raw);
                 }

@@ -356,35 +356,23 @@ impl Default for Order {
 
 impl Log {
     fn push(&mut self, ev: StoredEvent) {
-        let indexed = match &mut self.order {
-            Order::Sequential { prefix, last } => {
-                let fits = match (ev.id.sequence(), prefix.as_deref()) {
-                    (Some((p, n)), Some(held)) => p == held && n > *last,
-                    (Some((p, n)), None) if self.events.is_empty() => {
-                        *prefix = Some(p.into());
-                        *last = n;
-                        true
-                    }
-                    _ => false,
-                };
-                if fits {
-                    if let Some((_, n)) = ev.id.sequence() {
-                        *last = n;
-                    }
-                    None
-                } else {
-                    Some(
-                        self.events
-                            .iter()
-                            .map(|e| (e.id.clone(), e.seq))
-                            .collect::<HashMap<_, _>>(),
-                    )
+        if let Order::Sequential { prefix, last } = &mut self.order {
+            let fits = match (ev.id.sequence(), prefix.as_deref()) {
+                (Some((p, n)), Some(held)) if p == held && n > *last => {
+                    *last = n;
+                    true
                 }
+                (Some((p, n)), None) if self.events.is_empty() => {
+                    *prefix = Some(p.into());
+                    *last = n;
+                    true
+                }
+                _ => false,
+            };
+            if !fits {
+                let index = self.events.iter().map(|e| (e.id.clone(), e.seq)).collect();
+                self.order = Order::Indexed(index);
             }
-            Order::Indexed(_) => None,
-        };
-        if let Some(index) = indexed {
-            self.order = Order::Indexed(index);
         }
         if let Order::Indexed(index) = &mut self.order {
             index.insert(ev.id.clone(), ev.seq);
