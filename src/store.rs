@@ -406,10 +406,7 @@ impl Log {
                 }
                 let number = |e: &StoredEvent| e.id.sequence().map_or(0, |(_, m)| m);
                 let i = self.events.partition_point(|e| number(e) < n);
-                self.events
-                    .get(i)
-                    .filter(|e| e.id == *id)
-                    .map(|e| e.seq)
+                self.events.get(i).filter(|e| e.id == *id).map(|e| e.seq)
             }
         }
     }
@@ -723,7 +720,11 @@ mod tests {
     }
 
     /// IDs the store's page after `id` starts with, or its outcome.
-    async fn after(store: &MemoryStore, k: &StreamKey, id: &str) -> Result<Vec<u64>, ResumeOutcome> {
+    async fn after(
+        store: &MemoryStore,
+        k: &StreamKey,
+        id: &str,
+    ) -> Result<Vec<u64>, ResumeOutcome> {
         let page = store
             .replay(k, &EventId::new(id.to_owned()).unwrap(), 100)
             .await
@@ -743,7 +744,10 @@ mod tests {
         let k = key("/s");
         // Numbered IDs with a prefix, with gaps: found by binary search.
         let ids = ["feed-3", "feed-7", "feed-8", "feed-20"];
-        let events = ids.iter().enumerate().map(|(i, id)| ev(i as u64 + 1, id, 5));
+        let events = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| ev(i as u64 + 1, id, 5));
         store.append(&k, events.collect()).await.unwrap();
         assert_eq!(after(&store, &k, "feed-3").await, Ok(vec![2, 3, 4]));
         assert_eq!(after(&store, &k, "feed-8").await, Ok(vec![4]));
