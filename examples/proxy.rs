@@ -84,6 +84,10 @@ struct Args {
     /// Most connections per stream; a further one replaces the oldest.
     #[arg(long)]
     max_connections_per_stream: Option<usize>,
+    /// Forward with the hyper client only, without any tower-sse layer: the
+    /// baseline the benchmark (bench/proxy) compares the layers against.
+    #[arg(long)]
+    bare: bool,
 }
 
 async fn open_store(spec: &str) -> Result<Arc<dyn EventStore>, Box<dyn std::error::Error>> {
@@ -200,7 +204,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .await
     });
     let shutdown_registry = registry.clone();
-    let server = tokio::spawn(serve_http1(listener, app, stop_rx.clone()));
+    let server = if args.bare {
+        let bare = bare_proxy(upstream.clone());
+        tokio::spawn(serve_http1(listener, Shared(Arc::new(bare)), stop_rx.clone()))
+    } else {
+        tokio::spawn(serve_http1(listener, app, stop_rx.clone()))
+    };
 
     shutdown_signal().await;
     eprintln!("shutting down: closing streams and flushing the store");
@@ -217,6 +226,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("flushing the store failed: {e}");
     }
     Ok(())
+}
+
+/// Forwards every request to the upstream with the same hyper client and
+/// request rewrite as the proxy, and nothing else.
+fn bare_proxy(
+    base: Uri,
+) -> impl tower::Service<
+    Request<Incoming>,
+    Response = axum::response::Response,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build_http::<Incoming>();
+    tower::service_fn(move |req: Request<Incoming>| {
+        let req = common::to_upstream(&base, req);
+        let sent = client.request(req);
+        async move {
+            Ok(match sent.await {
+                Ok(resp) => resp.map(Body::new),
+                Err(e) => (http::StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+            })
+        }
+    })
 }
 
 /// The proxy's service, shared by every connection.
