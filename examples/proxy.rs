@@ -206,7 +206,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let shutdown_registry = registry.clone();
     let server = if args.bare {
         let bare = bare_proxy(upstream.clone());
-        tokio::spawn(serve_http1(listener, Shared(Arc::new(bare)), stop_rx.clone()))
+        tokio::spawn(serve_http1(
+            listener,
+            Shared(Arc::new(bare)),
+            stop_rx.clone(),
+        ))
     } else {
         tokio::spawn(serve_http1(listener, app, stop_rx.clone()))
     };
