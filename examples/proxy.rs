@@ -28,8 +28,9 @@ use bytes::Bytes;
 use clap::Parser;
 use http::{header, HeaderMap, HeaderName, Uri};
 use http_body_util::Full;
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
@@ -83,6 +84,10 @@ struct Args {
     /// Most connections per stream; a further one replaces the oldest.
     #[arg(long)]
     max_connections_per_stream: Option<usize>,
+    /// Forward with the hyper client only, without any tower-sse layer: the
+    /// baseline the benchmark (bench/proxy) compares the layers against.
+    #[arg(long)]
+    bare: bool,
 }
 
 async fn open_store(spec: &str) -> Result<Arc<dyn EventStore>, Box<dyn std::error::Error>> {
@@ -159,10 +164,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .layer(ReconnectLayer::new(registry.clone()))
         .service(upstream_client);
     let proxy = ServiceBuilder::new()
-        .map_request(|req: Request| req.map(Body::new))
+        .map_request(|req: Request<Incoming>| req.map(Body::new))
         .service(proxy)
         .map_response(IntoResponse::into_response);
-    let app = Router::new().fallback_service(proxy.map_err(|e: Infallible| match e {}));
+    // One service for all connections: each request clones it for its call
+    // only, so an open stream keeps no copy of the stack (a router per
+    // connection would).
+    let app = Shared(Arc::new(proxy));
 
     let health = HealthService::new(registry.clone())
         .readiness_probe("store", StoreProbe::new(store.clone()));
@@ -196,14 +204,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .await
     });
     let shutdown_registry = registry.clone();
-    let mut proxy_stop = stop_rx.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = proxy_stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let server = if args.bare {
+        let bare = bare_proxy(upstream.clone());
+        tokio::spawn(serve_http1(
+            listener,
+            Shared(Arc::new(bare)),
+            stop_rx.clone(),
+        ))
+    } else {
+        tokio::spawn(serve_http1(listener, app, stop_rx.clone()))
+    };
 
     shutdown_signal().await;
     eprintln!("shutting down: closing streams and flushing the store");
@@ -220,6 +230,109 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("flushing the store failed: {e}");
     }
     Ok(())
+}
+
+/// Forwards every request to the upstream with the same hyper client and
+/// request rewrite as the proxy, and nothing else.
+fn bare_proxy(
+    base: Uri,
+) -> impl tower::Service<
+    Request<Incoming>,
+    Response = axum::response::Response,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build_http::<Incoming>();
+    tower::service_fn(move |req: Request<Incoming>| {
+        let req = common::to_upstream(&base, req);
+        let sent = client.request(req);
+        async move {
+            Ok(match sent.await {
+                Ok(resp) => resp.map(Body::new),
+                Err(e) => (http::StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+            })
+        }
+    })
+}
+
+/// The proxy's service, shared by every connection.
+struct Shared<S>(Arc<S>);
+
+impl<S> Clone for Shared<S> {
+    fn clone(&self) -> Self {
+        Shared(self.0.clone())
+    }
+}
+
+impl<S> hyper::service::Service<Request<Incoming>> for Shared<S>
+where
+    S: tower::Service<Request<Incoming>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = S::Response;
+    type Error = Infallible;
+    type Future = tower::util::Oneshot<S, Request<Incoming>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        (*self.0).clone().oneshot(req)
+    }
+}
+
+/// Serves HTTP/1.1 only (an event stream needs nothing else), with hyper's
+/// `http1::Builder`: leaner per connection than an automatic HTTP/1 + HTTP/2
+/// server. On `stop`, stops accepting, lets every connection finish its
+/// response, and returns when all are closed.
+async fn serve_http1<S>(
+    listener: tokio::net::TcpListener,
+    service: Shared<S>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    S: tower::Service<Request<Incoming>, Response = axum::response::Response, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+{
+    // Every connection task holds a sender: `recv` returns `None` once all are gone.
+    let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = async { drop(stop.wait_for(|s| *s).await) } => break,
+        };
+        let service = service.clone();
+        let mut stop = stop.clone();
+        let alive = alive.clone();
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = async { drop(stop.wait_for(|s| *s).await) } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(alive);
+        });
+    }
+    drop(alive);
+    let _ = all_closed.recv().await;
 }
 
 async fn shutdown_signal() {

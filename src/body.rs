@@ -25,7 +25,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, Response, StatusCode};
 use http_body::{Body, SizeHint};
 
@@ -33,6 +33,7 @@ use crate::event::encode_comment;
 use crate::interceptor::{Decision, EventContext};
 use crate::parse::{Frame, ParseError, Parser};
 use crate::registry::{CloseReason, Connection, Counter, Registry};
+use crate::EventId;
 
 /// The error type of bodies and sources.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -350,6 +351,9 @@ impl Base {
 
 enum Ending {
     Running,
+    /// The stages ended (`None`) or failed while a coalesced frame was being
+    /// gathered: that frame goes first, the ending at the next poll.
+    Deferred(Option<BoxError>),
     Done,
 }
 
@@ -614,10 +618,23 @@ impl Pipeline {
         match std::mem::replace(&mut self.ending, Ending::Done) {
             Ending::Running => self.ending = Ending::Running,
             Ending::Done => return Poll::Ready(None),
+            Ending::Deferred(None) => {
+                self.end(CloseReason::UpstreamEnded);
+                return Poll::Ready(None);
+            }
+            Ending::Deferred(Some(e)) => return self.fail(e),
         }
+        let mut out = Coalesced::default();
         loop {
             if let Some(reason) = self.conn.as_ref().and_then(|c| c.entry().killed()) {
-                return self.fail(Box::new(Close::new(reason, "closed by the registry")));
+                if out.is_empty() {
+                    return self.fail(Box::new(Close::new(reason, "closed by the registry")));
+                }
+                // Delivered first; the next poll sees the kill again.
+                break;
+            }
+            if out.len() >= COALESCE_BYTES {
+                break;
             }
             let polled = match self.stages.split_last_mut() {
                 Some((top, rest)) => top.poll_frame(
@@ -632,6 +649,10 @@ impl Pipeline {
             };
             let frame = match polled {
                 Poll::Pending => {
+                    if !out.is_empty() {
+                        // The stages registered the waker; what is ready goes now.
+                        break;
+                    }
                     self.burst = None;
                     self.flush_latency();
                     if let Some(conn) = &self.conn {
@@ -642,24 +663,25 @@ impl Pipeline {
                     return Poll::Pending;
                 }
                 Poll::Ready(None) => {
+                    if !out.is_empty() {
+                        self.ending = Ending::Deferred(None);
+                        break;
+                    }
                     self.end(CloseReason::UpstreamEnded);
                     self.ending = Ending::Done;
                     return Poll::Ready(None);
                 }
-                Poll::Ready(Some(Err(e))) => return self.fail(e),
+                Poll::Ready(Some(Err(e))) => {
+                    if !out.is_empty() {
+                        self.ending = Ending::Deferred(Some(e));
+                        break;
+                    }
+                    return self.fail(e);
+                }
                 Poll::Ready(Some(Ok(frame))) => frame,
             };
             match frame {
-                Frame::Other(bytes) => {
-                    if let Some(conn) = &self.conn {
-                        conn.registry().count(
-                            conn.stream(),
-                            Counter::BytesDelivered,
-                            bytes.len() as u64,
-                        );
-                    }
-                    return Poll::Ready(Some(Ok(http_body::Frame::data(bytes))));
-                }
+                Frame::Other(bytes) => out.push(bytes),
                 Frame::Event(mut event) => {
                     let latency = event
                         .arrived()
@@ -669,6 +691,11 @@ impl Pipeline {
                         let stream = conn.stream();
                         let interceptors = registry.interceptors();
                         if !interceptors.is_empty() {
+                            // Interceptors see the cursor before each event:
+                            // move it per event, before the next one is judged.
+                            if let Some(id) = out.cursor.take() {
+                                stream.set_cursor(id.as_ref());
+                            }
                             let cx = EventContext {
                                 stream: stream.key(),
                                 connection: conn.id(),
@@ -681,7 +708,6 @@ impl Pipeline {
                                 continue;
                             }
                         }
-                        stream.set_cursor(event.last_event_id());
                         if let Some(times) = latency {
                             match &mut self.latency_run {
                                 // Same delivery time: a new one flushed the run.
@@ -697,15 +723,78 @@ impl Pipeline {
                                 }
                             }
                         }
-                        registry.count(stream, Counter::EventsDelivered, 1);
-                        registry.count(stream, Counter::BytesDelivered, event.raw().len() as u64);
+                        out.events += 1;
                     }
                     for s in &mut self.stages {
                         s.on_delivered(&event);
                     }
-                    return Poll::Ready(Some(Ok(http_body::Frame::data(event.raw))));
+                    if self.conn.is_some() {
+                        out.cursor = Some(event.last_event_id);
+                    }
+                    out.push(event.raw);
                 }
             }
+        }
+        // Everything in `out` is yielded by this very return: the cursor and
+        // counters move once per frame, never past what the client is sent.
+        let bytes = out.finish();
+        if let Some(conn) = &self.conn {
+            let registry = conn.registry();
+            let stream = conn.stream();
+            if let Some(id) = out.cursor.take() {
+                stream.set_cursor(id.as_ref());
+            }
+            if out.events > 0 {
+                registry.count(stream, Counter::EventsDelivered, out.events);
+            }
+            registry.count(stream, Counter::BytesDelivered, bytes.len() as u64);
+        }
+        Poll::Ready(Some(Ok(http_body::Frame::data(bytes))))
+    }
+}
+
+/// How many bytes of ready frames one body frame gathers before it is returned.
+const COALESCE_BYTES: usize = 16 * 1024;
+
+/// Frames that were ready at once, gathered into one body frame: hyper then
+/// encodes and writes one chunk instead of one per event.
+#[derive(Default)]
+struct Coalesced {
+    first: Option<Bytes>,
+    rest: Option<BytesMut>,
+    len: usize,
+    events: u64,
+    /// The last delivered event's ID, when an event was delivered.
+    cursor: Option<Option<EventId>>,
+}
+
+impl Coalesced {
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, bytes: Bytes) {
+        self.len += bytes.len();
+        match (&self.first, &mut self.rest) {
+            (None, _) => self.first = Some(bytes),
+            (Some(first), None) => {
+                let mut buf = BytesMut::with_capacity(COALESCE_BYTES.max(self.len));
+                buf.extend_from_slice(first);
+                buf.extend_from_slice(&bytes);
+                self.rest = Some(buf);
+            }
+            (Some(_), Some(buf)) => buf.extend_from_slice(&bytes),
+        }
+    }
+
+    fn finish(&mut self) -> Bytes {
+        match self.rest.take() {
+            Some(buf) => buf.freeze(),
+            None => self.first.take().unwrap_or_default(),
         }
     }
 }
@@ -720,8 +809,15 @@ fn record_latencies(registry: &Registry, (arrived, at, n): (Instant, Instant, u6
 impl Drop for Pipeline {
     fn drop(&mut self) {
         self.flush_latency();
-        if !matches!(self.ending, Ending::Running) {
-            return;
+        match std::mem::replace(&mut self.ending, Ending::Done) {
+            Ending::Running => self.ending = Ending::Running,
+            Ending::Done => return,
+            // The stages had ended before the client went: end as they did.
+            Ending::Deferred(None) => return self.end(CloseReason::UpstreamEnded),
+            Ending::Deferred(Some(e)) => {
+                let _ = self.fail(e);
+                return;
+            }
         }
         // The client went away mid-stream.
         for i in (0..self.stages.len()).rev() {
@@ -821,5 +917,138 @@ where
 impl Default for SseBody {
     fn default() -> Self {
         SseBody::empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::ConnectionState;
+    use crate::StreamKey;
+    use std::collections::VecDeque;
+
+    /// A source playing back a script: data, a `Pending`, an error, the end.
+    struct Script(VecDeque<Poll<Option<Result<SourceItem, BoxError>>>>);
+
+    impl Source for Script {
+        fn poll_next(
+            &mut self,
+            _: &mut Context<'_>,
+            _: &SourceContext<'_>,
+        ) -> Poll<Option<Result<SourceItem, BoxError>>> {
+            self.0.pop_front().unwrap_or(Poll::Ready(None))
+        }
+    }
+
+    fn data(s: &str) -> Poll<Option<Result<SourceItem, BoxError>>> {
+        Poll::Ready(Some(Ok(SourceItem::Data(Bytes::from(s.to_owned())))))
+    }
+
+    fn body(script: Vec<Poll<Option<Result<SourceItem, BoxError>>>>) -> SseBody {
+        let registry = Registry::default();
+        let conn = registry.open(&StreamKey::new("/s").unwrap(), None).unwrap();
+        let mut body = SseBody::from_source(Script(script.into()), &registry);
+        body.attach(conn);
+        body
+    }
+
+    fn poll(body: &mut SseBody) -> Poll<Option<Bytes>> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        Pin::new(body)
+            .poll_frame(&mut cx)
+            .map(|f| f.map(|f| f.unwrap().into_data().unwrap()))
+    }
+
+    fn conn(body: &SseBody) -> &Connection {
+        body.connection().unwrap()
+    }
+
+    fn cursor(body: &SseBody) -> Option<String> {
+        conn(body).stream().cursor().map(|c| c.as_str().to_owned())
+    }
+
+    fn state(body: &SseBody) -> ConnectionState {
+        conn(body).entry().state()
+    }
+
+    fn delivered(body: &SseBody) -> u64 {
+        conn(body)
+            .registry()
+            .counters()
+            .get(Counter::EventsDelivered)
+    }
+
+    #[test]
+    fn ready_frames_go_out_as_one_and_the_cursor_moves_with_them() {
+        let mut body = body(vec![
+            data("id: 1\ndata: a\n\n: note\n\nid: 2\ndata: b\n\nid: 3\nda"),
+            data("ta: c\n\n"),
+            // The first `Pending` ends the gathered frame, the second is the body's.
+            Poll::Pending,
+            Poll::Pending,
+            data("id: 4\ndata: d\n\n"),
+        ]);
+        let first = poll(&mut body);
+        assert_eq!(
+            first,
+            Poll::Ready(Some(Bytes::from_static(
+                b"id: 1\ndata: a\n\n: note\n\nid: 2\ndata: b\n\nid: 3\ndata: c\n\n"
+            )))
+        );
+        assert_eq!(cursor(&body).as_deref(), Some("3"));
+        assert_eq!(delivered(&body), 3);
+        assert_eq!(poll(&mut body), Poll::Pending);
+        // The end arrives while event 4 is gathered: the event goes first.
+        assert_eq!(
+            poll(&mut body),
+            Poll::Ready(Some(Bytes::from_static(b"id: 4\ndata: d\n\n")))
+        );
+        assert_eq!(cursor(&body).as_deref(), Some("4"));
+        assert_eq!(state(&body), ConnectionState::Streaming);
+        assert_eq!(poll(&mut body), Poll::Ready(None));
+        assert_eq!(
+            state(&body),
+            ConnectionState::Closed(CloseReason::UpstreamEnded)
+        );
+        assert_eq!(delivered(&body), 4);
+    }
+
+    #[test]
+    fn an_error_after_ready_events_closes_after_them() {
+        let mut body = body(vec![
+            data("id: 1\ndata: a\n\n"),
+            Poll::Ready(Some(Err("upstream broke".into()))),
+        ]);
+        assert_eq!(
+            poll(&mut body),
+            Poll::Ready(Some(Bytes::from_static(b"id: 1\ndata: a\n\n")))
+        );
+        assert_eq!(state(&body), ConnectionState::Streaming);
+        match poll(&mut body) {
+            Poll::Ready(Some(b)) => assert!(b.starts_with(b": tower-sse closed: error"), "{b:?}"),
+            other => panic!("expected the closing comment, got {other:?}"),
+        }
+        assert_eq!(poll(&mut body), Poll::Ready(None));
+        assert_eq!(state(&body), ConnectionState::Closed(CloseReason::Error));
+    }
+
+    #[test]
+    fn a_frame_is_bounded_and_never_splits_an_event() {
+        let event = format!("data: {}\n\n", "x".repeat(1000));
+        let mut body = body(vec![data(&event.repeat(40))]);
+        let mut frames = Vec::new();
+        while let Poll::Ready(Some(b)) = poll(&mut body) {
+            frames.push(b);
+        }
+        assert!(frames.len() >= 3, "{} frames", frames.len());
+        for f in &frames {
+            assert!(f.len() < COALESCE_BYTES + event.len());
+            assert_eq!(f.len() % event.len(), 0);
+        }
+        assert_eq!(
+            frames.iter().map(Bytes::len).sum::<usize>(),
+            40 * event.len()
+        );
+        assert_eq!(delivered(&body), 40);
     }
 }

@@ -327,19 +327,86 @@ pub fn classify_missing(
 #[derive(Default)]
 struct Log {
     events: VecDeque<StoredEvent>,
-    index: HashMap<EventId, u64>,
+    order: Order,
     bytes: u64,
     cursor: Option<EventId>,
     last_seq: u64,
     touched_ms: u64,
 }
 
+/// How a log finds an event by ID. Upstreams mostly number their events
+/// (`42`, `feed-42`): while every ID held is one prefix and a strictly rising
+/// number, a lookup is a binary search and an append costs no index insert.
+/// The first ID that breaks the pattern builds a hash index once.
+enum Order {
+    /// Every ID held is `prefix` + a number, the numbers strictly rising; `last` is the newest.
+    Sequential { prefix: Option<Box<str>>, last: u64 },
+    /// Any IDs: an index from ID to the newest store sequence carrying it.
+    Indexed(HashMap<EventId, u64>),
+}
+
+impl Default for Order {
+    fn default() -> Self {
+        Order::Sequential {
+            prefix: None,
+            last: 0,
+        }
+    }
+}
+
 impl Log {
+    fn push(&mut self, ev: StoredEvent) {
+        if let Order::Sequential { prefix, last } = &mut self.order {
+            let fits = match (ev.id.sequence(), prefix.as_deref()) {
+                (Some((p, n)), Some(held)) if p == held && n > *last => {
+                    *last = n;
+                    true
+                }
+                (Some((p, n)), None) if self.events.is_empty() => {
+                    *prefix = Some(p.into());
+                    *last = n;
+                    true
+                }
+                _ => false,
+            };
+            if !fits {
+                let index = self.events.iter().map(|e| (e.id.clone(), e.seq)).collect();
+                self.order = Order::Indexed(index);
+            }
+        }
+        if let Order::Indexed(index) = &mut self.order {
+            index.insert(ev.id.clone(), ev.seq);
+        }
+        self.bytes += ev.raw.len() as u64;
+        self.events.push_back(ev);
+    }
+
     fn trim_front(&mut self) {
         if let Some(old) = self.events.pop_front() {
             self.bytes -= old.raw.len() as u64;
-            if self.index.get(&old.id) == Some(&old.seq) {
-                self.index.remove(&old.id);
+            if let Order::Indexed(index) = &mut self.order {
+                if index.get(&old.id) == Some(&old.seq) {
+                    index.remove(&old.id);
+                }
+            }
+        }
+        if self.events.is_empty() {
+            self.order = Order::default();
+        }
+    }
+
+    /// The store sequence of the newest event carrying `id`.
+    fn find(&self, id: &EventId) -> Option<u64> {
+        match &self.order {
+            Order::Indexed(index) => index.get(id).copied(),
+            Order::Sequential { prefix, .. } => {
+                let (p, n) = id.sequence()?;
+                if Some(p) != prefix.as_deref() {
+                    return None;
+                }
+                let number = |e: &StoredEvent| e.id.sequence().map_or(0, |(_, m)| m);
+                let i = self.events.partition_point(|e| number(e) < n);
+                self.events.get(i).filter(|e| e.id == *id).map(|e| e.seq)
             }
         }
     }
@@ -422,18 +489,21 @@ impl EventStore for MemoryStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let result = (|| {
             let mut streams = lock(&self.streams);
-            if !streams.contains_key(key) && streams.len() >= self.retention.max_streams {
-                return Err(StoreError::Backend(
-                    "too many streams in the memory store".into(),
-                ));
+            if !streams.contains_key(key) {
+                if streams.len() >= self.retention.max_streams {
+                    return Err(StoreError::Backend(
+                        "too many streams in the memory store".into(),
+                    ));
+                }
+                streams.insert(key.clone(), Log::default());
             }
-            let log = streams.entry(key.clone()).or_default();
+            let Some(log) = streams.get_mut(key) else {
+                return Ok(());
+            };
             for ev in events {
                 log.last_seq = log.last_seq.max(ev.seq);
-                log.bytes += ev.raw.len() as u64;
-                log.index.insert(ev.id.clone(), ev.seq);
                 log.touched_ms = ev.stored_at_ms;
-                log.events.push_back(ev);
+                log.push(ev);
                 while log.events.len() > self.retention.max_events
                     || (log.bytes > self.retention.max_bytes && log.events.len() > 1)
                 {
@@ -458,8 +528,8 @@ impl EventStore for MemoryStore {
                     outcome: classify_missing(&self.epoch, after, None),
                     events: Vec::new(),
                 },
-                Some(log) => match log.index.get(after) {
-                    Some(&seq) => ReplayPage {
+                Some(log) => match log.find(after) {
+                    Some(seq) => ReplayPage {
                         outcome: ResumeOutcome::Recovered,
                         events: log
                             .events
@@ -647,6 +717,63 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(page.outcome, ResumeOutcome::Expired);
+    }
+
+    /// IDs the store's page after `id` starts with, or its outcome.
+    async fn after(
+        store: &MemoryStore,
+        k: &StreamKey,
+        id: &str,
+    ) -> Result<Vec<u64>, ResumeOutcome> {
+        let page = store
+            .replay(k, &EventId::new(id.to_owned()).unwrap(), 100)
+            .await
+            .unwrap();
+        match page.outcome {
+            ResumeOutcome::Recovered => Ok(page.events.iter().map(|e| e.seq).collect()),
+            other => Err(other),
+        }
+    }
+
+    #[tokio::test]
+    async fn lookups_by_sequence_then_by_index() {
+        let store = MemoryStore::new(Retention {
+            max_events: 4,
+            ..Retention::default()
+        });
+        let k = key("/s");
+        // Numbered IDs with a prefix, with gaps: found by binary search.
+        let ids = ["feed-3", "feed-7", "feed-8", "feed-20"];
+        let events = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| ev(i as u64 + 1, id, 5));
+        store.append(&k, events.collect()).await.unwrap();
+        assert_eq!(after(&store, &k, "feed-3").await, Ok(vec![2, 3, 4]));
+        assert_eq!(after(&store, &k, "feed-8").await, Ok(vec![4]));
+        assert_eq!(after(&store, &k, "feed-20").await, Ok(vec![]));
+        assert!(after(&store, &k, "feed-5").await.is_err());
+        assert!(after(&store, &k, "feed-07").await.is_err());
+        assert!(after(&store, &k, "7").await.is_err());
+        assert!(after(&store, &k, "other-7").await.is_err());
+        // An ID out of the pattern (a repeat, then a name) switches to the index.
+        store
+            .append(&k, vec![ev(5, "feed-8", 5), ev(6, "x", 5)])
+            .await
+            .unwrap();
+        // Retention keeps 4: feed-8 (3), feed-20 (4), feed-8 (5), x (6).
+        assert_eq!(store.usage(&k).0, 4);
+        assert_eq!(after(&store, &k, "feed-8").await, Ok(vec![6]));
+        assert_eq!(after(&store, &k, "feed-20").await, Ok(vec![5, 6]));
+        assert_eq!(after(&store, &k, "x").await, Ok(vec![]));
+        assert!(after(&store, &k, "feed-7").await.is_err());
+        // Trimmed past the repeat, the newer feed-8 stays findable.
+        store
+            .append(&k, vec![ev(7, "y", 5), ev(8, "z", 5)])
+            .await
+            .unwrap();
+        assert_eq!(after(&store, &k, "feed-8").await, Ok(vec![6, 7, 8]));
+        assert!(after(&store, &k, "feed-20").await.is_err());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
-use futures_util::stream::{self, Stream};
+use futures_util::stream::{self, Stream, StreamExt};
 use http::header::{CONTENT_TYPE, COOKIE, HOST};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
@@ -805,11 +805,19 @@ const MAX_BYTES: u64 = 64 << 10;
 
 /// `id: k` events, k in 1..=20,000, in chunks of 50: the first half small
 /// (the count bound bites), the second half 100 to 400 bytes (the byte bound bites).
+/// Every tenth chunk waits a millisecond, so that the sampler, which looks every
+/// millisecond, sees both halves however fast the stack delivers.
 fn long_stream() -> Router {
     Router::new().route(
         "/long",
         get(|| async {
-            sse_response(stream::iter((0..LONG_STREAM / 50).map(|c| {
+            let paced = stream::iter(0..LONG_STREAM / 50).then(|c| async move {
+                if c % 10 == 0 {
+                    sleep(Duration::from_millis(1)).await;
+                }
+                c
+            });
+            sse_response(paced.map(|c| {
                 let chunk: String = (c * 50 + 1..=c * 50 + 50)
                     .map(|k| {
                         let len = if k <= LONG_STREAM / 2 {
@@ -821,7 +829,7 @@ fn long_stream() -> Router {
                     })
                     .collect();
                 Ok(Bytes::from(chunk))
-            })))
+            }))
         }),
     )
 }

@@ -10,6 +10,8 @@
 #   proxy-memory  client -> examples/proxy --store memory -> upstream
 #   nginx         client -> nginx (proxy_buffering off, HTTP/1.1) -> upstream
 #   proxy-redb    client -> examples/proxy --store redb:TMPFILE -> upstream
+#   proxy-bare    client -> examples/proxy --bare (the same hyper server and
+#                 client, no tower-sse layer: the ceiling for the layered proxy)
 #
 # For each, with STREAMS concurrent streams (one connection each, a distinct
 # path each, so a distinct stream key each):
@@ -35,7 +37,7 @@ WARMUP=${WARMUP:-2}
 RATE=${RATE:-10}
 PAYLOAD=${PAYLOAD:-64}
 ROUNDS=${ROUNDS:-1}
-CONFIGS=${CONFIGS:-"direct proxy-memory nginx proxy-redb"}
+CONFIGS=${CONFIGS:-"direct proxy-memory nginx proxy-bare proxy-redb"}
 IDLE_SETTLE=${IDLE_SETTLE:-2}
 
 cd "$(dirname "$0")/../.."
@@ -161,10 +163,11 @@ NGINX=$(command -v nginx 2>/dev/null || echo /usr/sbin/nginx)
 MB_PID=""
 MB_URL=""
 
-start_proxy() { # store
+start_proxy() { # store [extra proxy arguments]
     local store=$1 line
+    shift
     RUST_LOG=warn "$BIN/proxy" --listen 127.0.0.1:0 --admin 127.0.0.1:0 \
-        --upstream "http://$UPSTREAM" --store "$store" --keepalive 15 \
+        --upstream "http://$UPSTREAM" --store "$store" --keepalive 15 "$@" \
         >"$WORK/proxy.log" 2>&1 &
     MB_PID=$!
     PIDS+=("$MB_PID")
@@ -271,6 +274,7 @@ run_config() { # round config
         direct) MB_URL="http://$UPSTREAM"; MB_PID="" ;;
         proxy-memory) start_proxy memory || return 1 ;;
         proxy-redb) rm -f "$WORK/events.redb"; start_proxy "redb:$WORK/events.redb" || return 1 ;;
+        proxy-bare) start_proxy memory --bare || return 1 ;;
         nginx) start_nginx || return 1 ;;
         *) echo "unknown config $cfg" >&2; return 1 ;;
     esac

@@ -285,6 +285,32 @@ struct Template {
     body: Bytes,
 }
 
+/// The header values copied into one buffer of their own. A server's parsed
+/// request head shares its connection's read buffer (8 KiB): a template kept
+/// for the stream's life would pin that buffer and make the server allocate
+/// another for its next read.
+fn detach_headers(headers: &HeaderMap) -> HeaderMap {
+    let len = headers.values().map(|v| v.len()).sum();
+    let mut buf = bytes::BytesMut::with_capacity(len);
+    for v in headers.values() {
+        buf.extend_from_slice(v.as_bytes());
+    }
+    let mut buf = buf.freeze();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, v) in headers {
+        let copy = buf.split_to(v.len());
+        let mut value = HeaderValue::from_maybe_shared(copy).unwrap_or_else(|_| v.clone());
+        value.set_sensitive(v.is_sensitive());
+        out.append(name.clone(), value);
+    }
+    out
+}
+
+/// The URI with bytes of its own (see [`detach_headers`]).
+fn detach_uri(uri: Uri) -> Uri {
+    Uri::from_maybe_shared(Bytes::from(uri.to_string())).unwrap_or(uri)
+}
+
 impl Template {
     fn request(&self, last_event_id: Option<&str>) -> Request<Full<Bytes>> {
         let mut req = Request::new(Full::new(self.body.clone()));
@@ -371,9 +397,9 @@ where
                 .map(str::to_owned);
             let template = Arc::new(Template {
                 method: parts.method,
-                uri: parts.uri,
+                uri: detach_uri(parts.uri),
                 version: parts.version,
-                headers: parts.headers,
+                headers: detach_headers(&parts.headers),
                 body,
             });
 
@@ -577,15 +603,22 @@ where
                         let Some(limit) = self.policy.watchdog else {
                             return Poll::Pending;
                         };
-                        let deadline = tokio::time::Instant::from_std(self.last_data + limit);
-                        let timer = self
-                            .watchdog
-                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                        if timer.deadline() != deadline {
-                            timer.as_mut().reset(deadline);
-                        }
-                        if timer.as_mut().poll(cx).is_pending() {
-                            return Poll::Pending;
+                        // Lazy: the timer keeps the deadline it was armed with;
+                        // data since then is checked when it fires, and only then
+                        // is it re-armed (not reset on every chunk).
+                        let deadline = |last: Instant| tokio::time::Instant::from_std(last + limit);
+                        let timer = self.watchdog.get_or_insert_with(|| {
+                            Box::pin(tokio::time::sleep_until(deadline(self.last_data)))
+                        });
+                        loop {
+                            if timer.as_mut().poll(cx).is_pending() {
+                                return Poll::Pending;
+                            }
+                            let now_due = deadline(self.last_data);
+                            if now_due <= timer.deadline() {
+                                break;
+                            }
+                            timer.as_mut().reset(now_due);
                         }
                         let error = format!("upstream silent for {limit:?}").into();
                         if let Err(close) = self.fail(error, stream) {

@@ -642,6 +642,45 @@ async fn watchdog_reconnects_an_upstream_gone_silent() {
     assert_eq!(log.last_event_ids(), [None, Some("1".to_owned())]);
 }
 
+/// Sends `parts` `every` apart, then stays silent without ending.
+fn sse_trickle(parts: &'static [&'static str], every: Duration) -> Response {
+    let paced = stream::iter(parts.iter()).then(move |p| async move {
+        tokio::time::sleep(every).await;
+        Ok::<_, io::Error>(Bytes::from_static(p.as_bytes()))
+    });
+    sse_response(Body::from_stream(paced.chain(stream::pending())))
+}
+
+#[tokio::test]
+async fn watchdog_waits_while_data_keeps_coming() {
+    // Ten events 50 ms apart span twice the watchdog's 250 ms: each one
+    // moves the silence deadline, so the first upstream is kept until it stops.
+    const PARTS: &[&str] = &[
+        "id: 1\ndata: a\n\n",
+        "id: 2\ndata: a\n\n",
+        "id: 3\ndata: a\n\n",
+        "id: 4\ndata: a\n\n",
+        "id: 5\ndata: a\n\n",
+        "id: 6\ndata: a\n\n",
+        "id: 7\ndata: a\n\n",
+        "id: 8\ndata: a\n\n",
+        "id: 9\ndata: a\n\n",
+        "id: 10\ndata: a\n\n",
+    ];
+    let (upstream, log) = scripted(|n| match n {
+        0 => sse_trickle(PARTS, Duration::from_millis(50)),
+        _ => sse(&["id: 11\ndata: b\n\n"]),
+    })
+    .await;
+    let registry = Registry::default();
+    let policy = fast().watchdog(Some(Duration::from_millis(250)));
+    let resp = open(&upstream.url(), &registry, policy).await;
+    let (text, error) = read_to_end(&mut resp.into_body()).await;
+    assert_eq!(error, None);
+    assert_eq!(text, format!("{}id: 11\ndata: b\n\n", PARTS.concat()));
+    assert_eq!(log.last_event_ids(), [None, Some("10".to_owned())]);
+}
+
 #[tokio::test]
 async fn watchdog_reconnects_an_upstream_that_sent_only_headers() {
     let (upstream, log) = scripted(|n| match n {
