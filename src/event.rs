@@ -111,12 +111,14 @@ impl EventId {
     }
 
     /// The ID as text.
+    #[inline]
     pub fn as_str(&self) -> &str {
         // Validated at construction; the fallback is unreachable but keeps input away from panics.
         std::str::from_utf8(self.as_bytes()).unwrap_or_default()
     }
 
     /// The ID's bytes.
+    #[inline]
     pub fn as_bytes(&self) -> &[u8] {
         self.0.as_bytes()
     }

@@ -326,20 +326,48 @@ fn advance(pos: &mut Option<Position>, prefix: &[u8], n: u64) {
 /// valid UTF-8 already) or `str::parse`: a third of the window's per-event cost
 /// went there. The prefix is compared as bytes only.
 pub(crate) fn sequence(id: &[u8]) -> Option<(&[u8], u64)> {
+    // One pass from the end, each digit added at its power of ten as it is
+    // found: up to 19 digits cannot overflow u64, so no checks per digit.
+    const POW10: [u64; 19] = {
+        let mut p = [1u64; 19];
+        let mut i = 1;
+        while i < 19 {
+            p[i] = p[i - 1] * 10;
+            i += 1;
+        }
+        p
+    };
+    let mut start = id.len();
+    let mut n: u64 = 0;
+    while start > 0 {
+        let d = id[start - 1].wrapping_sub(b'0');
+        if d > 9 {
+            break;
+        }
+        let k = id.len() - start;
+        if k == POW10.len() {
+            return sequence_long(id);
+        }
+        n += u64::from(d) * POW10[k];
+        start -= 1;
+    }
+    let prefix = &id[..start];
+    if start == id.len() || !(prefix.is_empty() || prefix.ends_with(b"-")) {
+        return None;
+    }
+    Some((prefix, n))
+}
+
+/// [`sequence`] for 20 trailing digits or more, with overflow checks.
+#[cold]
+fn sequence_long(id: &[u8]) -> Option<(&[u8], u64)> {
     let mut start = id.len();
     while start > 0 && id[start - 1].is_ascii_digit() {
         start -= 1;
     }
     let (prefix, digits) = id.split_at(start);
-    if digits.is_empty() || !(prefix.is_empty() || prefix.ends_with(b"-")) {
+    if !(prefix.is_empty() || prefix.ends_with(b"-")) {
         return None;
-    }
-    // Up to 19 digits cannot overflow u64: no checks per digit there.
-    if digits.len() <= 19 {
-        let n = digits
-            .iter()
-            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
-        return Some((prefix, n));
     }
     let mut n: u64 = 0;
     for &d in digits {
@@ -429,6 +457,8 @@ struct Ring {
     runs: VecDeque<(u64, u64)>,
     /// The absolute index of `fps[0]`: entries ever popped from the front.
     popped: u64,
+    /// The position that continues the newest run (when not empty).
+    next: u64,
 }
 
 impl Ring {
@@ -445,28 +475,21 @@ impl Ring {
     }
 
     fn push_back(&mut self, fp: u64, position: u64) {
-        let abs = self.popped + self.fps.len() as u64;
-        let continues = matches!(
-            (self.fps.is_empty(), self.runs.back()),
-            (false, Some(&(start, first))) if first + (abs - start) == position
-        );
-        if !continues {
+        if self.fps.is_empty() || position != self.next {
+            let abs = self.popped + self.fps.len() as u64;
             self.runs.push_back((abs, position));
         }
+        self.next = position + 1;
         self.fps.push_back(fp);
     }
 
     fn pop_front(&mut self) -> Option<u64> {
         let fp = self.fps.pop_front()?;
         self.popped += 1;
-        if self.fps.is_empty() {
-            self.runs.clear();
-        } else if self
-            .runs
-            .get(1)
-            .is_some_and(|&(start, _)| start <= self.popped)
-        {
+        if self.runs.len() > 1 && self.runs[1].0 <= self.popped {
             self.runs.pop_front();
+        } else if self.fps.is_empty() {
+            self.runs.clear();
         }
         Some(fp)
     }
@@ -512,6 +535,8 @@ impl Ring {
         }
         if self.fps.is_empty() {
             self.runs.clear();
+        } else if let Some(newest) = self.newest_position() {
+            self.next = newest + 1;
         }
         dropped
     }
