@@ -186,6 +186,7 @@ pub struct Below<'a> {
     stages: &'a mut [Box<dyn Stage>],
     base: &'a mut Base,
     conn: Option<&'a Connection>,
+    passed: u64,
 }
 
 impl Below<'_> {
@@ -198,6 +199,7 @@ impl Below<'_> {
                     stages: rest,
                     base: self.base,
                     conn: self.conn,
+                    passed: self.passed,
                 },
             ),
             None => self.base.poll_frame(cx, self.conn),
@@ -207,6 +209,13 @@ impl Below<'_> {
     /// The connection this body belongs to, once a layer attached one.
     pub fn connection(&self) -> Option<&Connection> {
         self.conn
+    }
+
+    /// How many frames the body has passed to its client so far (0 in a
+    /// detached [`Chain`]): a [`Stage::waits_only`] stage, which does not see
+    /// them go by, learns from it whether the stream was active since it last ran.
+    pub fn frames_passed(&self) -> u64 {
+        self.passed
     }
 
     /// The parser's last `retry` value, in milliseconds.
@@ -228,6 +237,19 @@ pub trait Stage: Send + 'static {
         below: &mut Below<'_>,
     ) -> Poll<Option<Result<Frame, BoxError>>> {
         below.poll_frame(cx)
+    }
+
+    /// Whether this stage has nothing to do per frame and only acts while the
+    /// stream waits (keep-alives, idle checks). The body leaves such stages,
+    /// when they are its outermost ones, out of the per-frame path: it polls
+    /// the stages inside them directly and calls their
+    /// [`poll_frame`](Stage::poll_frame) only when those have nothing ready
+    /// ([`Below::frames_passed`] tells what went by meanwhile). Elsewhere (inside
+    /// another stage, or in a detached [`Chain`]) they are polled on every frame
+    /// as usual, so `poll_frame` must be right either way. Asked once, when the
+    /// stage is added.
+    fn waits_only(&self) -> bool {
+        false
     }
 
     /// An event was delivered to the client (after all stages and interceptors accepted it).
@@ -264,6 +286,7 @@ impl Chain {
             stages: &mut self.stages,
             base: &mut self.base,
             conn: None,
+            passed: 0,
         }
         .poll_frame(cx)
     }
@@ -360,6 +383,11 @@ enum Ending {
 struct Pipeline {
     base: Base,
     stages: Vec<Box<dyn Stage>>,
+    /// How many of the outermost stages are [`Stage::waits_only`]: polled
+    /// only when the stages inside them have nothing ready.
+    waiting: usize,
+    /// Frames passed to the client (see [`Below::frames_passed`]).
+    passed: u64,
     conn: Option<Connection>,
     ending: Ending,
     /// The delivery time shared by the events of one burst (polls that never
@@ -457,6 +485,8 @@ impl SseBody {
                     stamp_arrival: registry.latency().is_enabled(),
                 },
                 stages: Vec::new(),
+                waiting: 0,
+                passed: 0,
                 conn: None,
                 ending: Ending::Running,
                 burst: None,
@@ -470,6 +500,8 @@ impl SseBody {
         SseBody {
             kind: Kind::Sse(Box::new(Pipeline {
                 base: chain.base,
+                waiting: waits_only_on_top(&chain.stages),
+                passed: 0,
                 stages: chain.stages,
                 conn: None,
                 ending: Ending::Running,
@@ -500,6 +532,7 @@ impl SseBody {
     pub fn push_stage(&mut self, stage: impl Stage) {
         if let Kind::Sse(p) = &mut self.kind {
             p.stages.push(Box::new(stage));
+            p.waiting = waits_only_on_top(&p.stages);
         }
     }
 
@@ -545,7 +578,37 @@ fn http_body_util_full(bytes: Bytes) -> impl Body<Data = Bytes, Error = std::con
     Full(Some(bytes))
 }
 
+/// Frames between two activity stamps of a connection that never waits (a
+/// stream that waits gets one from its health stage when it does).
+const ACTIVITY_EVERY: u64 = 256;
+
+/// How many of the outermost `stages` are [`Stage::waits_only`].
+fn waits_only_on_top(stages: &[Box<dyn Stage>]) -> usize {
+    stages.iter().rev().take_while(|s| s.waits_only()).count()
+}
+
 impl Pipeline {
+    /// The stages inside have nothing ready: the turn of the waits-only ones,
+    /// innermost first; the first frame one of them has goes out.
+    fn poll_waiting(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, BoxError>>> {
+        for i in self.stages.len() - self.waiting..self.stages.len() {
+            let (inner, outer) = self.stages.split_at_mut(i);
+            let polled = outer[0].poll_frame(
+                cx,
+                &mut Below {
+                    stages: inner,
+                    base: &mut self.base,
+                    conn: self.conn.as_ref(),
+                    passed: self.passed,
+                },
+            );
+            if polled.is_ready() {
+                return polled;
+            }
+        }
+        Poll::Pending
+    }
+
     /// The time events of the current burst are delivered at; a new clock
     /// read when the event arrived after the burst's (a chunk read mid-burst).
     fn delivery_time(&mut self, arrived: Instant) -> Instant {
@@ -636,17 +699,30 @@ impl Pipeline {
             if out.len() >= COALESCE_BYTES {
                 break;
             }
-            let polled = match self.stages.split_last_mut() {
+            let active = self.stages.len() - self.waiting;
+            let mut polled = match self.stages[..active].split_last_mut() {
                 Some((top, rest)) => top.poll_frame(
                     cx,
                     &mut Below {
                         stages: rest,
                         base: &mut self.base,
                         conn: self.conn.as_ref(),
+                        passed: self.passed,
                     },
                 ),
                 None => self.base.poll_frame(cx, self.conn.as_ref()),
             };
+            if polled.is_pending() && self.waiting > 0 && out.is_empty() {
+                polled = self.poll_waiting(cx);
+            }
+            if let Poll::Ready(Some(Ok(_))) = &polled {
+                self.passed += 1;
+                if self.passed % ACTIVITY_EVERY == 0 {
+                    if let Some(conn) = &self.conn {
+                        conn.entry().touch(conn.registry().now_ms());
+                    }
+                }
+            }
             let frame = match polled {
                 Poll::Pending => {
                     if !out.is_empty() {
@@ -976,6 +1052,68 @@ mod tests {
             .registry()
             .counters()
             .get(Counter::EventsDelivered)
+    }
+
+    #[test]
+    fn a_waits_only_stage_runs_only_when_the_stream_waits() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        struct Waiter {
+            polls: Arc<AtomicU64>,
+            saw: Arc<AtomicU64>,
+            emitted: bool,
+        }
+        impl Stage for Waiter {
+            fn waits_only(&self) -> bool {
+                true
+            }
+            fn poll_frame(
+                &mut self,
+                cx: &mut Context<'_>,
+                below: &mut Below<'_>,
+            ) -> Poll<Option<Result<Frame, BoxError>>> {
+                self.polls.fetch_add(1, Ordering::Relaxed);
+                let polled = below.poll_frame(cx);
+                if polled.is_pending() {
+                    self.saw.store(below.frames_passed(), Ordering::Relaxed);
+                    if !std::mem::replace(&mut self.emitted, true) {
+                        return Poll::Ready(Some(Ok(Frame::Other(Bytes::from_static(b": w\n\n")))));
+                    }
+                }
+                polled
+            }
+        }
+        let (polls, saw) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let mut body = body(vec![
+            data("id: 1\ndata: a\n\nid: 2\ndata: b\n\n"),
+            Poll::Pending,
+            Poll::Pending,
+            Poll::Pending,
+            Poll::Pending,
+        ]);
+        body.push_stage(Waiter {
+            polls: polls.clone(),
+            saw: saw.clone(),
+            emitted: false,
+        });
+        // Two events, then the source waits with a frame gathered: the
+        // waits-only stage is not polled on frames.
+        assert_eq!(
+            poll(&mut body),
+            Poll::Ready(Some(Bytes::from_static(
+                b"id: 1\ndata: a\n\nid: 2\ndata: b\n\n"
+            )))
+        );
+        assert_eq!(polls.load(Ordering::Relaxed), 0);
+        // The source waits with nothing gathered: its turn, knowing 2 frames went by.
+        assert_eq!(
+            poll(&mut body),
+            Poll::Ready(Some(Bytes::from_static(b": w\n\n")))
+        );
+        assert_eq!(polls.load(Ordering::Relaxed), 1);
+        assert_eq!(saw.load(Ordering::Relaxed), 2);
+        assert_eq!(poll(&mut body), Poll::Ready(None));
+        assert_eq!(polls.load(Ordering::Relaxed), 1);
     }
 
     #[test]

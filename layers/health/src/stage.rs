@@ -15,10 +15,6 @@ use tower_sse::{BoxError, Close, CloseReason, Connection, Counter, Registry, Sta
 
 use crate::layer::Config;
 
-/// Frames passed to the client between two activity stamps while the stream
-/// never waits: a busy stream costs one clock read per this many frames.
-const TOUCH_EVERY: u32 = 256;
-
 /// The per-connection stage of [`HealthLayer`](crate::HealthLayer).
 ///
 /// Per event it only sets a flag and bumps a counter. Clocks are read when
@@ -42,7 +38,8 @@ struct State {
     last_out: Instant,
     /// A frame came from below and went to the client since the last settle.
     seen: bool,
-    since_touch: u32,
+    /// [`Below::frames_passed`] when the stage last looked.
+    frames: u64,
     idle_fired: bool,
     /// Whether per-event trace records are wanted, decided when the connection
     /// opens: per event this is one branch instead of the subscriber checks.
@@ -73,7 +70,7 @@ impl HealthStage {
                 last_in: now,
                 last_out: now,
                 seen: false,
-                since_touch: 0,
+                frames: 0,
                 idle_fired: false,
                 trace_events: tracing::enabled!(tracing::Level::TRACE),
             },
@@ -82,25 +79,11 @@ impl HealthStage {
 }
 
 impl State {
-    /// A frame passed from below to the client: per frame, a flag and a count.
+    /// A frame passed from below to the client (when the stage is on the
+    /// per-frame path): a flag.
     #[inline(always)]
     fn passed(&mut self, polled: &Poll<Option<Result<Frame, BoxError>>>) {
         self.seen = true;
-        self.since_touch += 1;
-        if self.since_touch >= TOUCH_EVERY || self.trace_events {
-            self.every_so_often(polled);
-        }
-    }
-
-    /// Out of the per-frame path: the activity stamp of a stream that has not
-    /// waited for [`TOUCH_EVERY`] frames, and trace records when wanted.
-    #[cold]
-    #[inline(never)]
-    fn every_so_often(&mut self, polled: &Poll<Option<Result<Frame, BoxError>>>) {
-        if self.since_touch >= TOUCH_EVERY {
-            self.since_touch = 0;
-            self.entry.touch(self.registry.now_ms());
-        }
         if self.trace_events {
             trace_frame(polled);
         }
@@ -120,7 +103,6 @@ impl State {
         self.last_in = now;
         self.last_out = now;
         self.seen = false;
-        self.since_touch = 0;
         self.entry.touch(self.registry.now_ms());
     }
 
@@ -164,6 +146,8 @@ impl State {
                     }
                     self.registry.count(&self.stream, Counter::KeepAlives, 1);
                     tracing::trace!("keep-alive");
+                    // The body counts it as a frame passed; it is not activity.
+                    self.frames += 1;
                     return Poll::Ready(Some(Ok(Frame::Other(self.config.comment.clone()))));
                 }
             }
@@ -238,11 +222,23 @@ impl HealthStage {
         below: &Below<'_>,
     ) -> Poll<Option<Result<Frame, BoxError>>> {
         let _entered = (!self.span.is_disabled()).then(|| self.span.enter());
+        // Frames that went by while the stage was off the per-frame path
+        // (waits-only) are activity too.
+        let frames = below.frames_passed();
+        if frames != self.state.frames {
+            self.state.frames = frames;
+            self.state.seen = true;
+        }
         self.state.poll_timers(cx, below)
     }
 }
 
 impl Stage for HealthStage {
+    /// Off the per-frame path unless per-frame trace records are wanted.
+    fn waits_only(&self) -> bool {
+        !self.state.trace_events
+    }
+
     fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
