@@ -717,7 +717,7 @@ impl Pipeline {
             }
             if let Poll::Ready(Some(Ok(_))) = &polled {
                 self.passed += 1;
-                if self.passed % ACTIVITY_EVERY == 0 {
+                if self.passed.is_multiple_of(ACTIVITY_EVERY) {
                     if let Some(conn) = &self.conn {
                         conn.entry().touch(conn.registry().now_ms());
                     }
