@@ -111,9 +111,18 @@ pub(crate) struct Recorder {
     failed: bool,
     last_delivered: Option<EventId>,
     cursor: Arc<CursorSlot>,
+    /// In [`StoreWrites::Async`] mode, the queue to this connection's writer
+    /// task: batches are appended one after another, in stream order (appends
+    /// spawned one by one could reach the store out of order, and a store skips
+    /// sequence numbers at or below its last: events would be lost).
+    async_writes: Option<tokio::sync::mpsc::Sender<Vec<StoredEvent>>>,
 }
 
 const MAX_BATCH: usize = 128;
+
+/// Batches an async-mode writer queues before the stream waits for it: the
+/// memory a slow store can hold up is bounded, and nothing is dropped.
+const ASYNC_QUEUE: usize = 64;
 
 impl Recorder {
     pub(crate) fn new(target: Target, seq: Arc<AtomicU64>, replayed: Replayed) -> Self {
@@ -127,6 +136,7 @@ impl Recorder {
             failed: false,
             last_delivered: None,
             cursor: Arc::default(),
+            async_writes: None,
         }
     }
 
@@ -187,21 +197,49 @@ impl Recorder {
         if stored.is_empty() || self.failed {
             return None;
         }
-        let store = self.target.store.clone();
-        let key = self.target.key.clone();
-        let fut: StoreFuture<()> = Box::pin(async move { store.append(&key, stored).await });
         match self.target.config.writes {
-            StoreWrites::Durable => Some(fut),
+            StoreWrites::Durable => {
+                let store = self.target.store.clone();
+                let key = self.target.key.clone();
+                Some(Box::pin(async move { store.append(&key, stored).await }))
+            }
             StoreWrites::Async => {
-                let registry = self.target.registry.clone();
-                let stream = self.target.stream.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = fut.await {
-                        registry.count(&stream, Counter::StoreErrors, 1);
-                        tracing::warn!(error = %e, "storing SSE events failed");
-                    }
+                let tx = self.async_writes.get_or_insert_with(|| {
+                    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<StoredEvent>>(ASYNC_QUEUE);
+                    let store = self.target.store.clone();
+                    let key = self.target.key.clone();
+                    let registry = self.target.registry.clone();
+                    let stream = self.target.stream.clone();
+                    tokio::spawn(async move {
+                        while let Some(batch) = rx.recv().await {
+                            if let Err(e) = store.append(&key, batch).await {
+                                registry.count(&stream, Counter::StoreErrors, 1);
+                                tracing::warn!(error = %e, "storing SSE events failed");
+                            }
+                        }
+                    });
+                    tx
                 });
-                None
+                match tx.try_send(stored) {
+                    Ok(()) => None,
+                    // The writer fell behind by a whole queue: hold the stream
+                    // until there is room (order kept: nothing is submitted
+                    // before this resolves).
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(stored)) => {
+                        let tx = tx.clone();
+                        Some(Box::pin(async move {
+                            tx.send(stored).await.map_err(|_| {
+                                StoreError::Unavailable("the async store writer stopped".into())
+                            })
+                        }))
+                    }
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                        self.target
+                            .registry
+                            .count(&self.target.stream, Counter::StoreErrors, 1);
+                        None
+                    }
+                }
             }
         }
     }
