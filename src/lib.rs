@@ -51,7 +51,7 @@ pub use registry::{
     CloseReason, Connection, ConnectionId, ConnectionSlot, Counter, LimitPolicy, OpenError,
     Registry,
 };
-pub use request::{last_event_id, Refusal, SseRequest, LAST_EVENT_ID};
+pub use request::{detach_headers, last_event_id, Refusal, SseRequest, LAST_EVENT_ID};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]

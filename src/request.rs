@@ -1,6 +1,6 @@
 //! What every layer reads from a request: its stream key and `Last-Event-ID`.
 
-use http::{HeaderName, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 
 use crate::body::{text_response, SseBody};
 use crate::event::EventId;
@@ -96,6 +96,37 @@ pub fn last_event_id(headers: &http::HeaderMap) -> Result<Option<EventId>, Strin
     Ok(Some(
         EventId::new(bytes::Bytes::copy_from_slice(bytes)).map_err(|e| e.to_string())?,
     ))
+}
+
+/// The header values of `headers` copied into one buffer of their own.
+///
+/// A parsed request or response head shares its connection's read buffer
+/// (8 KiB with hyper): a head kept for a stream's life (a proxy's request
+/// template, a saved response head) would pin that buffer and make the
+/// connection allocate another for its next read. One small allocation
+/// instead.
+///
+/// ```
+/// use http::HeaderMap;
+/// let mut h = HeaderMap::new();
+/// h.insert("content-type", "text/event-stream".parse().unwrap());
+/// assert_eq!(tower_sse::detach_headers(&h), h);
+/// ```
+pub fn detach_headers(headers: &HeaderMap) -> HeaderMap {
+    let len = headers.values().map(|v| v.len()).sum();
+    let mut buf = bytes::BytesMut::with_capacity(len);
+    for v in headers.values() {
+        buf.extend_from_slice(v.as_bytes());
+    }
+    let mut buf = buf.freeze();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, v) in headers {
+        let copy = buf.split_to(v.len());
+        let mut value = HeaderValue::from_maybe_shared(copy).unwrap_or_else(|_| v.clone());
+        value.set_sensitive(v.is_sensitive());
+        out.append(name.clone(), value);
+    }
+    out
 }
 
 #[cfg(test)]

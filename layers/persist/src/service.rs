@@ -28,27 +28,6 @@ pub(crate) struct Head {
     pub headers: HeaderMap,
 }
 
-/// The header values copied into one buffer of their own. A client's parsed
-/// response head shares its upstream connection's read buffer (8 KiB): a head
-/// kept for the stream's life would pin that buffer and make the client
-/// allocate another for its next read.
-fn detach_headers(headers: &HeaderMap) -> HeaderMap {
-    let len = headers.values().map(|v| v.len()).sum();
-    let mut buf = bytes::BytesMut::with_capacity(len);
-    for v in headers.values() {
-        buf.extend_from_slice(v.as_bytes());
-    }
-    let mut buf = buf.freeze();
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, v) in headers {
-        let copy = buf.split_to(v.len());
-        let mut value = HeaderValue::from_maybe_shared(copy).unwrap_or_else(|_| v.clone());
-        value.set_sensitive(v.is_sensitive());
-        out.append(name.clone(), value);
-    }
-    out
-}
-
 /// Stores every delivered event and serves resumes. See the [crate docs](crate).
 #[derive(Clone)]
 pub struct PersistLayer {
@@ -368,7 +347,7 @@ where
                     }
                     let head = Arc::new(Head {
                         status: resp.status(),
-                        headers: detach_headers(resp.headers()),
+                        headers: tower_sse::detach_headers(resp.headers()),
                     });
                     (resp, head, false)
                 }

@@ -285,28 +285,7 @@ struct Template {
     body: Bytes,
 }
 
-/// The header values copied into one buffer of their own. A server's parsed
-/// request head shares its connection's read buffer (8 KiB): a template kept
-/// for the stream's life would pin that buffer and make the server allocate
-/// another for its next read.
-fn detach_headers(headers: &HeaderMap) -> HeaderMap {
-    let len = headers.values().map(|v| v.len()).sum();
-    let mut buf = bytes::BytesMut::with_capacity(len);
-    for v in headers.values() {
-        buf.extend_from_slice(v.as_bytes());
-    }
-    let mut buf = buf.freeze();
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, v) in headers {
-        let copy = buf.split_to(v.len());
-        let mut value = HeaderValue::from_maybe_shared(copy).unwrap_or_else(|_| v.clone());
-        value.set_sensitive(v.is_sensitive());
-        out.append(name.clone(), value);
-    }
-    out
-}
-
-/// The URI with bytes of its own (see [`detach_headers`]).
+/// The URI with bytes of its own (see [`tower_sse::detach_headers`]).
 fn detach_uri(uri: Uri) -> Uri {
     Uri::from_maybe_shared(Bytes::from(uri.to_string())).unwrap_or(uri)
 }
@@ -399,7 +378,7 @@ where
                 method: parts.method,
                 uri: detach_uri(parts.uri),
                 version: parts.version,
-                headers: detach_headers(&parts.headers),
+                headers: tower_sse::detach_headers(&parts.headers),
                 body,
             });
 
