@@ -547,11 +547,16 @@ impl Ring {
     }
 }
 
-/// A set of fingerprints in one open-addressing table: linear probing,
-/// deletion by backward shift (so no tombstones accumulate and the table
-/// never needs rebuilding), at most half full. It grows by doubling only while
-/// the window fills, so a full window's allocation is fixed: the next power of
-/// two at or above twice its capacity, 8 bytes a slot.
+/// A set of fingerprints in a table of 64-byte buckets of eight slots, at
+/// most half full. A fingerprint goes to the first bucket with a free slot,
+/// from its home bucket on; each bucket counts the fingerprints that passed it
+/// full (`overflow`), so a lookup stops at the first bucket that holds the
+/// fingerprint or that nothing passed. Removing clears the slot and walks the
+/// counts back: no tombstones, no shifting of other entries, and a lookup
+/// compares one cache line in the common case. The table grows by doubling
+/// only while the window fills, so a full window's allocation is fixed: the
+/// next power of two of buckets at or above a quarter of its capacity, 68
+/// bytes a bucket.
 ///
 /// (A `HashSet` does not do: every eviction leaves a tombstone, and when
 /// tombstones use up its free slots it doubles its table, once the window has
@@ -559,9 +564,31 @@ impl Ring {
 /// cannot even report what it holds.)
 #[derive(Debug, Default)]
 struct FingerprintSet {
-    /// `EMPTY`, or a fingerprint stored at or after its home slot.
-    slots: Box<[u64]>,
+    buckets: Box<[Bucket]>,
+    /// Per bucket: how many stored fingerprints have their home at or before
+    /// it (cyclically) and sit after it.
+    overflow: Box<[u32]>,
     len: usize,
+}
+
+/// Eight slots, `EMPTY` or a fingerprint, on one cache line.
+#[derive(Debug, Clone, Copy)]
+#[repr(align(64))]
+struct Bucket([u64; 8]);
+
+impl Bucket {
+    /// The first slot holding `v`, compared without a branch per slot (the
+    /// compiler turns it into vector compares): which slot matches is random,
+    /// and a loop exiting there mispredicts.
+    #[inline(always)]
+    fn slot_of(&self, v: u64) -> Option<usize> {
+        let mask = self
+            .0
+            .iter()
+            .enumerate()
+            .fold(0u32, |m, (i, &f)| m | (u32::from(f == v) << i));
+        (mask != 0).then(|| mask.trailing_zeros() as usize)
+    }
 }
 
 /// An empty slot. `fingerprint` never returns it.
@@ -569,36 +596,38 @@ const EMPTY: u64 = 0;
 
 impl FingerprintSet {
     fn allocated_bytes(&self) -> usize {
-        self.slots.len() * 8
+        self.buckets.len() * 64 + self.overflow.len() * 4
     }
 
     fn mask(&self) -> usize {
-        self.slots.len() - 1
+        self.buckets.len() - 1
     }
 
     fn home(&self, fp: u64) -> usize {
         fp as usize & self.mask()
     }
 
-    /// Loads `fp`'s home slot, so that the cache line is on its way.
+    /// Loads `fp`'s home bucket, so that the cache line is on its way.
     fn touch(&self, fp: u64) {
-        if !self.slots.is_empty() {
-            std::hint::black_box(self.slots[self.home(fp)]);
+        if !self.buckets.is_empty() {
+            std::hint::black_box(self.buckets[self.home(fp)].0[0]);
         }
     }
 
-    /// The slot holding `fp`, if any.
-    fn find(&self, fp: u64) -> Option<usize> {
-        if self.slots.is_empty() {
+    /// The bucket and slot holding `fp`, if any.
+    fn find(&self, fp: u64) -> Option<(usize, usize)> {
+        if self.buckets.is_empty() {
             return None;
         }
-        let mut i = self.home(fp);
+        let mut b = self.home(fp);
         loop {
-            match self.slots[i] {
-                EMPTY => return None,
-                f if f == fp => return Some(i),
-                _ => i = (i + 1) & self.mask(),
+            if let Some(i) = self.buckets[b].slot_of(fp) {
+                return Some((b, i));
             }
+            if self.overflow[b] == 0 {
+                return None;
+            }
+            b = (b + 1) & self.mask();
         }
     }
 
@@ -609,55 +638,52 @@ impl FingerprintSet {
     /// Inserts `fp`, which must not be in the set.
     fn insert(&mut self, fp: u64) {
         debug_assert_ne!(fp, EMPTY);
-        if (self.len + 1) * 2 > self.slots.len() {
+        if (self.len + 1) * 2 > self.buckets.len() * 8 {
             self.grow();
         }
-        let mut i = self.home(fp);
-        while self.slots[i] != EMPTY {
-            i = (i + 1) & self.mask();
+        let mut b = self.home(fp);
+        loop {
+            if let Some(i) = self.buckets[b].slot_of(EMPTY) {
+                self.buckets[b].0[i] = fp;
+                self.len += 1;
+                return;
+            }
+            self.overflow[b] += 1;
+            b = (b + 1) & self.mask();
         }
-        self.slots[i] = fp;
-        self.len += 1;
     }
 
     fn grow(&mut self) {
-        let size = (self.slots.len() * 2).max(8);
-        let old = std::mem::replace(&mut self.slots, vec![EMPTY; size].into_boxed_slice());
+        let size = (self.buckets.len() * 2).max(1);
+        let old = std::mem::replace(
+            &mut self.buckets,
+            vec![Bucket([EMPTY; 8]); size].into_boxed_slice(),
+        );
+        self.overflow = vec![0; size].into_boxed_slice();
         self.len = 0;
-        for fp in old.iter().copied().filter(|f| *f != EMPTY) {
+        for fp in old.iter().flat_map(|b| b.0).filter(|f| *f != EMPTY) {
             self.insert(fp);
         }
     }
 
-    /// Removes `fp` if present, shifting back the entries of its probe run
-    /// that may then sit nearer their home slot.
+    /// Removes `fp` if present, taking it off the counts of the buckets it passed.
     fn remove(&mut self, fp: u64) {
-        let Some(mut hole) = self.find(fp) else {
+        let Some((at, i)) = self.find(fp) else {
             return;
         };
-        let mask = self.mask();
-        let mut j = hole;
-        loop {
-            j = (j + 1) & mask;
-            let f = self.slots[j];
-            if f == EMPTY {
-                break;
-            }
-            // `f` may fill the hole unless its home lies cyclically in (hole, j].
-            let from_home = j.wrapping_sub(self.home(f)) & mask;
-            let from_hole = j.wrapping_sub(hole) & mask;
-            if from_home >= from_hole {
-                self.slots[hole] = f;
-                hole = j;
-            }
-        }
-        self.slots[hole] = EMPTY;
+        self.buckets[at].0[i] = EMPTY;
         self.len -= 1;
+        let mut b = self.home(fp);
+        while b != at {
+            self.overflow[b] -= 1;
+            b = (b + 1) & self.mask();
+        }
     }
 
     /// Empties the set, keeping its table.
     fn clear(&mut self) {
-        self.slots.fill(EMPTY);
+        self.buckets.fill(Bucket([EMPTY; 8]));
+        self.overflow.fill(0);
         self.len = 0;
     }
 }
@@ -755,25 +781,40 @@ mod tests {
 
     #[test]
     fn fingerprint_set_matches_a_hash_set() {
-        // Few distinct values in small tables: long probe runs that wrap around.
-        let mut set = FingerprintSet::default();
-        let mut model = std::collections::HashSet::new();
-        let mut x = 0x1234_5678_9abc_def0_u64;
-        for step in 0..50_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let fp = x % 96 + 1;
-            if model.remove(&fp) {
-                set.remove(fp);
-            } else if model.len() < 48 {
-                model.insert(fp);
-                set.insert(fp);
-            }
-            assert_eq!(set.len, model.len());
-            if step % 97 == 0 {
-                for v in 1..=96 {
-                    assert_eq!(set.contains(v), model.contains(&v), "{v} at step {step}");
+        // Few distinct values in small tables; then values that all share one
+        // home bucket: long overflow chains that wrap around the table.
+        for spread in [1u64, 64] {
+            let mut set = FingerprintSet::default();
+            let mut model = std::collections::HashSet::new();
+            let mut x = 0x1234_5678_9abc_def0_u64;
+            for step in 0..50_000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let fp = (x % 96 + 1) * spread;
+                if model.remove(&fp) {
+                    set.remove(fp);
+                } else if model.len() < 48 {
+                    model.insert(fp);
+                    set.insert(fp);
+                }
+                assert_eq!(set.len, model.len());
+                if step % 97 == 0 {
+                    for v in (1..=96).map(|v| v * spread) {
+                        assert_eq!(set.contains(v), model.contains(&v), "{v} at step {step}");
+                    }
+                    // The overflow counts are exactly the fingerprints that passed each bucket.
+                    let mut counts = vec![0u32; set.buckets.len()];
+                    for (at, bucket) in set.buckets.iter().enumerate() {
+                        for &f in bucket.0.iter().filter(|f| **f != EMPTY) {
+                            let mut b = set.home(f);
+                            while b != at {
+                                counts[b] += 1;
+                                b = (b + 1) & set.mask();
+                            }
+                        }
+                    }
+                    assert_eq!(&counts[..], &set.overflow[..], "step {step}");
                 }
             }
         }
