@@ -52,9 +52,10 @@ struct Position {
 /// record order, plus the high-water mark and last position for sequential IDs.
 ///
 /// Fingerprints are 64-bit keyed hashes (a random key per process), so the
-/// window holds about 24 bytes per ID however long IDs are (8 in the ring, 16
-/// in the table at most half full); two distinct IDs collide with probability about `capacity / 2^64`
-/// per check. Once the window is full its allocation never changes.
+/// window holds about 25 bytes per ID however long IDs are (8 in the ring,
+/// 16 in the table at most half full, 1 of overflow counts); two distinct IDs
+/// collide with probability about `capacity / 2^64` per check. Once the window
+/// is full its allocation never changes.
 #[derive(Debug)]
 pub(crate) struct Window {
     capacity: usize,
