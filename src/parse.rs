@@ -295,18 +295,7 @@ impl Parser {
                 self.stash_tail()?;
                 return Ok(None);
             };
-            let term_end = if rest[i] == b'\r' {
-                match rest.get(i + 1) {
-                    Some(b'\n') => i + 2,
-                    Some(_) => i + 1,
-                    None => {
-                        self.skip_lf = true;
-                        i + 1
-                    }
-                }
-            } else {
-                i + 1
-            };
+            let term_end = terminator_end(rest, i, &mut self.skip_lf);
             let line_end_abs = self.pos + i;
             let next_pos = self.pos + term_end;
             // The block began in an earlier chunk: its lines go on in `pending`.
@@ -357,18 +346,7 @@ impl Parser {
                 self.stash_tail()?;
                 return Ok(None);
             };
-            let term_end = if rest[i] == b'\r' {
-                match rest.get(i + 1) {
-                    Some(b'\n') => i + 2,
-                    Some(_) => i + 1,
-                    None => {
-                        self.skip_lf = true;
-                        i + 1
-                    }
-                }
-            } else {
-                i + 1
-            };
+            let term_end = terminator_end(rest, i, &mut self.skip_lf);
             if i > limits.max_line_len {
                 return Err(ParseError::LineTooLong(limits.max_line_len));
             }
@@ -478,6 +456,24 @@ impl Parser {
             retry: block.retry,
             arrived: None,
         })
+    }
+}
+
+/// Where the line ending at `rest[i]` (CR or LF) ends: after CRLF, CR or LF.
+/// A CR that ends the chunk may be the first half of a CRLF split across
+/// chunks: `skip_lf` then drops an LF that starts the next one.
+#[inline(always)]
+fn terminator_end(rest: &[u8], i: usize, skip_lf: &mut bool) -> usize {
+    if rest[i] != b'\r' {
+        return i + 1;
+    }
+    match rest.get(i + 1) {
+        Some(b'\n') => i + 2,
+        Some(_) => i + 1,
+        None => {
+            *skip_lf = true;
+            i + 1
+        }
     }
 }
 
