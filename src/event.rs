@@ -153,20 +153,20 @@ impl EventId {
     /// assert_eq!(EventId::new("99999999999999999999").unwrap().sequence(), None);
     /// ```
     pub fn sequence(&self) -> Option<(&str, u64)> {
-        let s = self.as_str();
-        let digits_start = s
-            .bytes()
-            .rposition(|b| !b.is_ascii_digit())
-            .map_or(0, |p| p + 1);
-        let digits = &s[digits_start..];
-        if digits.is_empty() {
-            return None;
-        }
-        let prefix = &s[..digits_start];
-        if !(prefix.is_empty() || prefix.ends_with('-')) {
-            return None;
-        }
-        digits.parse::<u64>().ok().map(|n| (prefix, n))
+        let (prefix, n) = self.sequence_bytes()?;
+        // The prefix ends before ASCII digits: a char boundary of the text.
+        Some((self.as_str().get(..prefix.len())?, n))
+    }
+
+    /// [`sequence`](Self::sequence) with the prefix as bytes: no UTF-8 check,
+    /// for per-event paths (dedup windows, stores).
+    ///
+    /// ```
+    /// use tower_sse::EventId;
+    /// assert_eq!(EventId::new("e1-42").unwrap().sequence_bytes(), Some((&b"e1-"[..], 42)));
+    /// ```
+    pub fn sequence_bytes(&self) -> Option<(&[u8], u64)> {
+        sequence_of(self.as_bytes())
     }
 
     /// Wraps validated bytes: a short ID is copied inline, a long one kept as it is.
@@ -630,4 +630,56 @@ fn parse_single(raw: Bytes) -> Event {
         // encode always writes at least one data line and a blank line.
         other => unreachable!("encoder produced a non-event: {other:?}"),
     }
+}
+
+/// The `prefix-integer` split of an ID's bytes. One pass from the end, each
+/// digit added at its power of ten as it is found: up to 19 digits cannot
+/// overflow u64, so no checks per digit; longer runs take the checked path.
+fn sequence_of(id: &[u8]) -> Option<(&[u8], u64)> {
+    const POW10: [u64; 19] = {
+        let mut p = [1u64; 19];
+        let mut i = 1;
+        while i < 19 {
+            p[i] = p[i - 1] * 10;
+            i += 1;
+        }
+        p
+    };
+    let mut start = id.len();
+    let mut n: u64 = 0;
+    while start > 0 {
+        let d = id[start - 1].wrapping_sub(b'0');
+        if d > 9 {
+            break;
+        }
+        let k = id.len() - start;
+        if k == POW10.len() {
+            return sequence_long(id);
+        }
+        n += u64::from(d) * POW10[k];
+        start -= 1;
+    }
+    let prefix = &id[..start];
+    if start == id.len() || !(prefix.is_empty() || prefix.ends_with(b"-")) {
+        return None;
+    }
+    Some((prefix, n))
+}
+
+/// [`sequence_of`] for 20 trailing digits or more, with overflow checks.
+#[cold]
+fn sequence_long(id: &[u8]) -> Option<(&[u8], u64)> {
+    let mut start = id.len();
+    while start > 0 && id[start - 1].is_ascii_digit() {
+        start -= 1;
+    }
+    let (prefix, digits) = id.split_at(start);
+    if !(prefix.is_empty() || prefix.ends_with(b"-")) {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &d in digits {
+        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    Some((prefix, n))
 }

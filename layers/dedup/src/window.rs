@@ -37,7 +37,7 @@ impl<'a> Probe<'a> {
     pub(crate) fn new(seed: u64, id: &'a EventId) -> Self {
         Probe {
             fp: fingerprint(seed, id.as_bytes()),
-            seq: sequence(id.as_bytes()),
+            seq: id.sequence_bytes(),
         }
     }
 }
@@ -263,7 +263,7 @@ impl Window {
             self.clear();
             return;
         };
-        if let Some((p, n)) = sequence(to.as_bytes()) {
+        if let Some((p, n)) = to.sequence_bytes() {
             self.last = Some(Position {
                 prefix: p.into(),
                 n,
@@ -321,60 +321,6 @@ fn advance(pos: &mut Option<Position>, prefix: &[u8], n: u64) {
             })
         }
     }
-}
-
-/// [`EventId::sequence`] on bytes, without its UTF-8 checks (an `EventId` is
-/// valid UTF-8 already) or `str::parse`: a third of the window's per-event cost
-/// went there. The prefix is compared as bytes only.
-pub(crate) fn sequence(id: &[u8]) -> Option<(&[u8], u64)> {
-    // One pass from the end, each digit added at its power of ten as it is
-    // found: up to 19 digits cannot overflow u64, so no checks per digit.
-    const POW10: [u64; 19] = {
-        let mut p = [1u64; 19];
-        let mut i = 1;
-        while i < 19 {
-            p[i] = p[i - 1] * 10;
-            i += 1;
-        }
-        p
-    };
-    let mut start = id.len();
-    let mut n: u64 = 0;
-    while start > 0 {
-        let d = id[start - 1].wrapping_sub(b'0');
-        if d > 9 {
-            break;
-        }
-        let k = id.len() - start;
-        if k == POW10.len() {
-            return sequence_long(id);
-        }
-        n += u64::from(d) * POW10[k];
-        start -= 1;
-    }
-    let prefix = &id[..start];
-    if start == id.len() || !(prefix.is_empty() || prefix.ends_with(b"-")) {
-        return None;
-    }
-    Some((prefix, n))
-}
-
-/// [`sequence`] for 20 trailing digits or more, with overflow checks.
-#[cold]
-fn sequence_long(id: &[u8]) -> Option<(&[u8], u64)> {
-    let mut start = id.len();
-    while start > 0 && id[start - 1].is_ascii_digit() {
-        start -= 1;
-    }
-    let (prefix, digits) = id.split_at(start);
-    if !(prefix.is_empty() || prefix.ends_with(b"-")) {
-        return None;
-    }
-    let mut n: u64 = 0;
-    for &d in digits {
-        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
-    }
-    Some((prefix, n))
 }
 
 /// Byte equality for the short prefixes of sequential IDs, inline rather
@@ -913,7 +859,7 @@ mod tests {
         ] {
             let id = id(s);
             let expected = id.sequence().map(|(p, n)| (p.as_bytes(), n));
-            assert_eq!(sequence(s.as_bytes()), expected, "{s:?}");
+            assert_eq!(id.sequence_bytes(), expected, "{s:?}");
         }
     }
 
