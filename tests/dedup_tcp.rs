@@ -513,9 +513,14 @@ impl Interceptor for HoldFive {
         {
             self.holding.store(true, Ordering::SeqCst);
             let start = Instant::now();
-            while !self.release.load(Ordering::SeqCst) && start.elapsed() < DEADLINE {
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            // Blocking a runtime worker in place could stall the runtime's
+            // timers with it (the test then never saw the hold, and B started
+            // only after it); `block_in_place` hands the worker's other tasks on.
+            tokio::task::block_in_place(|| {
+                while !self.release.load(Ordering::SeqCst) && start.elapsed() < DEADLINE {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
         }
         Decision::Deliver
     }
