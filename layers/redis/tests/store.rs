@@ -24,6 +24,25 @@ fn unique_prefix(name: &str) -> String {
     )
 }
 
+/// A store under its own prefix (named `name`) with `retention`.
+async fn open_store(url: &str, name: &str, retention: Retention) -> RedisStore {
+    RedisStore::builder(url)
+        .prefix(unique_prefix(name))
+        .retention(retention)
+        .open()
+        .await
+        .unwrap()
+}
+
+/// A plain connection, to look at the keys a store wrote.
+async fn raw_connection(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
 fn ev(seq: u64, id: &str, data: &str) -> StoredEvent {
     StoredEvent {
         seq,
@@ -36,15 +55,15 @@ fn ev(seq: u64, id: &str, data: &str) -> StoredEvent {
 #[tokio::test]
 async fn append_replay_outcomes_and_cursor() {
     let Some(url) = redis_url() else { return };
-    let store = RedisStore::builder(&url)
-        .prefix(unique_prefix("basic"))
-        .retention(Retention {
+    let store = open_store(
+        &url,
+        "basic",
+        Retention {
             max_events: 3,
             ..Retention::default()
-        })
-        .open()
-        .await
-        .unwrap();
+        },
+    )
+    .await;
     let epoch = store.epoch().to_owned();
     let key = StreamKey::new("/a").unwrap();
     let minted = |n: u64| format!("{epoch}-{n}");
@@ -129,13 +148,7 @@ async fn append_replay_outcomes_and_cursor() {
 #[tokio::test]
 async fn hostile_stream_keys_are_isolated_and_bounded() {
     let Some(url) = redis_url() else { return };
-    let store = Arc::new(
-        RedisStore::builder(&url)
-            .prefix(unique_prefix("hostile"))
-            .open()
-            .await
-            .unwrap(),
-    );
+    let store = Arc::new(open_store(&url, "hostile", Retention::default()).await);
     let long = "x".repeat(4096);
     let keys = [
         StreamKey::new("/a:b").unwrap(),
@@ -183,15 +196,15 @@ async fn hostile_stream_keys_are_isolated_and_bounded() {
 async fn a_cursor_is_kept_when_max_age_is_zero() {
     let Some(url) = redis_url() else { return };
     // A zero max age means no expiry (as in the append script), not "expire now".
-    let store = RedisStore::builder(&url)
-        .prefix(unique_prefix("no-age"))
-        .retention(Retention {
+    let store = open_store(
+        &url,
+        "no-age",
+        Retention {
             max_age: std::time::Duration::ZERO,
             ..Retention::default()
-        })
-        .open()
-        .await
-        .unwrap();
+        },
+    )
+    .await;
     let key = StreamKey::new("/a").unwrap();
     store.append(&key, vec![ev(1, "1", "x")]).await.unwrap();
     store
@@ -209,23 +222,22 @@ async fn a_cursor_is_kept_when_max_age_is_zero() {
 async fn a_log_lost_without_its_meta_does_not_skew_byte_retention() {
     let Some(url) = redis_url() else { return };
     let raw_len = ev(1, "1", "x").raw.len() as u64;
-    let store = RedisStore::builder(&url)
-        .prefix(unique_prefix("lost-log"))
-        .retention(Retention {
+    let store = open_store(
+        &url,
+        "lost-log",
+        Retention {
             max_bytes: raw_len * 5,
             ..Retention::default()
-        })
-        .open()
-        .await
-        .unwrap();
+        },
+    )
+    .await;
     let key = StreamKey::new("/a").unwrap();
     store
         .append(&key, (1..=5).map(|n| ev(n, &n.to_string(), "x")).collect())
         .await
         .unwrap();
     // The log goes (evicted, or expired before its meta, which cursor writes extend).
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = raw_connection(&url).await;
     let _: i64 = redis::cmd("DEL")
         .arg(store.redis_key(&key, "log"))
         .query_async(&mut conn)
@@ -267,18 +279,17 @@ async fn idx_len_and_bytes(
 async fn concurrent_streams_batched_together_keep_exact_retention_and_index() {
     let Some(url) = redis_url() else { return };
     let store = Arc::new(
-        RedisStore::builder(&url)
-            .prefix(unique_prefix("batched"))
-            .retention(Retention {
+        open_store(
+            &url,
+            "batched",
+            Retention {
                 max_events: 100,
                 ..Retention::default()
-            })
-            .open()
-            .await
-            .unwrap(),
+            },
+        )
+        .await,
     );
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = raw_connection(&url).await;
     let pipelines_before = store.pipelines();
     // 40 streams, one event per append, all at once: the writer sends many
     // streams' events in each script call.
@@ -330,17 +341,16 @@ async fn concurrent_streams_batched_together_keep_exact_retention_and_index() {
 #[tokio::test]
 async fn a_large_append_trims_in_slices_and_keeps_reused_ids() {
     let Some(url) = redis_url() else { return };
-    let store = RedisStore::builder(&url)
-        .prefix(unique_prefix("large"))
-        .retention(Retention {
+    let store = open_store(
+        &url,
+        "large",
+        Retention {
             max_events: 100,
             ..Retention::default()
-        })
-        .open()
-        .await
-        .unwrap();
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        },
+    )
+    .await;
+    let mut conn = raw_connection(&url).await;
     // 3,000 events in one append (more than a script call's share and than
     // one slice of the script's reads and deletes); every 1,000th reuses the ID "dup".
     let id = |n: u64| {
@@ -402,15 +412,15 @@ async fn a_large_append_trims_in_slices_and_keeps_reused_ids() {
     // Bytes bound: trimmed a few entries at a time, down to exactly what fits.
     let two_digits = |n: u64| format!("{n:02}");
     let raw_len = ev(1, &two_digits(1), "x").raw.len() as u64;
-    let bytes_store = RedisStore::builder(&url)
-        .prefix(unique_prefix("large-bytes"))
-        .retention(Retention {
+    let bytes_store = open_store(
+        &url,
+        "large-bytes",
+        Retention {
             max_bytes: raw_len * 10,
             ..Retention::default()
-        })
-        .open()
-        .await
-        .unwrap();
+        },
+    )
+    .await;
     let key = StreamKey::new("/bytes").unwrap();
     bytes_store
         .append(&key, (1..=9).map(|n| ev(n, &two_digits(n), "x")).collect())
@@ -439,17 +449,16 @@ async fn a_large_append_trims_in_slices_and_keeps_reused_ids() {
 async fn keys_get_their_ttl_also_when_the_log_is_recreated() {
     let Some(url) = redis_url() else { return };
     let hour = std::time::Duration::from_secs(3600);
-    let store = RedisStore::builder(&url)
-        .prefix(unique_prefix("ttl"))
-        .retention(Retention {
+    let store = open_store(
+        &url,
+        "ttl",
+        Retention {
             max_age: hour,
             ..Retention::default()
-        })
-        .open()
-        .await
-        .unwrap();
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        },
+    )
+    .await;
+    let mut conn = raw_connection(&url).await;
     let key = StreamKey::new("/ttl").unwrap();
     let ttls = |conn: &mut redis::aio::MultiplexedConnection| {
         let mut pipe = redis::pipe();
@@ -499,11 +508,7 @@ async fn keys_get_their_ttl_also_when_the_log_is_recreated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_sent_without_waiting_stay_in_order_and_flush_answers_after_them() {
     let Some(url) = redis_url() else { return };
-    let store = RedisStore::builder(&url)
-        .prefix(unique_prefix("order"))
-        .open()
-        .await
-        .unwrap();
+    let store = open_store(&url, "order", Retention::default()).await;
     let a = StreamKey::new("/a").unwrap();
     let b = StreamKey::new("/b").unwrap();
     // 300 appends to each of two streams, all queued before any is answered:
