@@ -12,7 +12,8 @@
 //!   reason in a closing comment.
 //! - **Backoff:** exponential with full jitter, from [`ReconnectPolicy::initial_backoff`]
 //!   up to [`ReconnectPolicy::max_backoff`]; never shorter than the upstream's
-//!   `retry:` (clamped below by [`ReconnectPolicy::retry_floor`]) or a `Retry-After`.
+//!   `retry:` (clamped below by [`ReconnectPolicy::retry_floor`]) or a `Retry-After`
+//!   (delay-seconds or an HTTP-date, at most an hour).
 //!   It resets after [`ReconnectPolicy::healthy_after`] of healthy streaming.
 //! - **Resume:** each reconnect sends `Last-Event-ID` of the last complete event
 //!   parsed (everything before it is already in the pipeline or delivered); a
@@ -82,7 +83,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
@@ -308,15 +309,30 @@ fn retryable(status: StatusCode) -> bool {
     status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
 }
 
+/// The longest `Retry-After` honoured; a longer one waits this long.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let secs: u64 = headers
+    retry_after_at(headers, SystemTime::now())
+}
+
+/// A `Retry-After` header as a wait from `now` (RFC 9110, section 10.2.3):
+/// delay-seconds, or an HTTP-date (a date already past waits nothing).
+/// Anything else is ignored; the wait is capped at [`MAX_RETRY_AFTER`].
+fn retry_after_at(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers
         .get(http::header::RETRY_AFTER)?
         .to_str()
         .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(Duration::from_secs(secs.min(3600)))
+        .trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -672,5 +688,72 @@ where
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from_str(value).expect("a valid header value"),
+        );
+        headers
+    }
+
+    /// 1994-11-06 08:49:37 UTC, the date of RFC 9110's examples.
+    fn example_date() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777)
+    }
+
+    #[test]
+    fn retry_after_delay_seconds() {
+        let now = example_date();
+        assert_eq!(
+            retry_after_at(&with("120"), now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(retry_after_at(&with(" 0 "), now), Some(Duration::ZERO));
+        assert_eq!(
+            retry_after_at(&with("99999999"), now),
+            Some(MAX_RETRY_AFTER)
+        );
+    }
+
+    #[test]
+    fn retry_after_http_date_in_all_three_formats() {
+        let now = example_date() - Duration::from_secs(30);
+        for date in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+        ] {
+            assert_eq!(
+                retry_after_at(&with(date), now),
+                Some(Duration::from_secs(30)),
+                "{date}"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_after_date_past_waits_nothing_and_far_future_is_capped() {
+        let now = example_date();
+        let past = "Sun, 06 Nov 1994 08:49:00 GMT";
+        assert_eq!(retry_after_at(&with(past), now), Some(Duration::ZERO));
+        let far = "Fri, 01 Jan 2100 00:00:00 GMT";
+        assert_eq!(retry_after_at(&with(far), now), Some(MAX_RETRY_AFTER));
+    }
+
+    #[test]
+    fn retry_after_garbage_is_ignored() {
+        let now = example_date();
+        for value in ["soon", "-5", "1.5", "", "Sun, 32 Nov 1994 08:49:37 GMT"] {
+            assert_eq!(retry_after_at(&with(value), now), None, "{value:?}");
+        }
+        assert_eq!(retry_after_at(&HeaderMap::new(), now), None);
     }
 }

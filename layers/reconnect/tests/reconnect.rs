@@ -429,6 +429,33 @@ async fn first_request_retries_5xx_and_429_honouring_retry_after() {
 }
 
 #[tokio::test]
+async fn retry_after_as_an_http_date_is_honoured() {
+    // Two seconds ahead at a one-second resolution: at least one second away
+    // when the layer reads it.
+    let (upstream, log) = scripted(|n| match n {
+        0 => {
+            let at = std::time::SystemTime::now() + Duration::from_secs(2);
+            let date: &'static str = Box::leak(httpdate::fmt_http_date(at).into_boxed_str());
+            status(StatusCode::SERVICE_UNAVAILABLE, Some(date))
+        }
+        _ => sse(&["id: 1\ndata: a\n\n"]),
+    })
+    .await;
+    let registry = Registry::default();
+    let resp = open(&upstream.url(), &registry, fast()).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (text, error) = read_to_end(&mut resp.into_body()).await;
+    assert_eq!((text.as_str(), error), ("id: 1\ndata: a\n\n", None));
+    let seen = log.seen();
+    assert_eq!(seen.len(), 2);
+    // The backoff is at most 20 ms; only the date explains a wait of a second.
+    assert!(
+        seen[1].at.duration_since(seen[0].at) >= Duration::from_secs(1),
+        "the attempt after `503 Retry-After: <date 2 s ahead>` waited at least 1 s"
+    );
+}
+
+#[tokio::test]
 async fn retry_after_past_the_connect_budget_answers_502_without_waiting_it_out() {
     let (upstream, log) = scripted(|_| status(StatusCode::SERVICE_UNAVAILABLE, Some("3600"))).await;
     let registry = Registry::default();
