@@ -1,7 +1,10 @@
 //! Per-event cost of the dedup window against the earlier system's approach
 //! (a `VecDeque<String>` scanned linearly under a lock) and a
 //! `Mutex<HashSet<String>>`, at windows of 1 Ki and 64 Ki IDs, in steady state
-//! (window full, every new ID evicting the oldest).
+//! (window full, every new ID evicting the oldest). The IDs are opaque
+//! (`evt-1-a`, ...: no number at the end), so the window uses its fingerprint
+//! table; a last row offers numbered IDs (`1`, `2`, ...), which keep the window
+//! in run mode (numbers in the ring, no table).
 //!
 //! `cargo bench -p tower-sse-dedup --bench dedup`
 
@@ -10,7 +13,7 @@ use std::hint::black_box;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use tower_sse::EventId;
 use tower_sse_dedup::bench::Window;
 
@@ -18,7 +21,7 @@ const BATCH: usize = 4096;
 
 fn ids(from: usize, n: usize) -> Vec<EventId> {
     (from..from + n)
-        .map(|i| EventId::new(format!("evt-{i}")).unwrap())
+        .map(|i| EventId::new(format!("evt-{i}-a")).unwrap())
         .collect()
 }
 
@@ -98,6 +101,39 @@ fn bench(c: &mut Criterion) {
                 }
             })
         });
+
+        // Numbered IDs, rising without end (each batch built outside the
+        // timing), in a plain window: run mode.
+        let mut numbered = None;
+        let mut next = 0u64;
+        group.bench_with_input(
+            BenchmarkId::new("tower-sse window, numbered IDs", cap),
+            &cap,
+            |b, _| {
+                let window: &Mutex<Window> = numbered.get_or_insert_with(|| {
+                    let w = Mutex::new(Window::new(cap, false));
+                    for _ in 0..cap {
+                        next += 1;
+                        w.lock().unwrap().offer(&EventId::from_u64(next));
+                    }
+                    w
+                });
+                b.iter_batched_ref(
+                    || {
+                        next += BATCH as u64;
+                        (next - BATCH as u64 + 1..=next)
+                            .map(EventId::from_u64)
+                            .collect::<Vec<_>>()
+                    },
+                    |batch| {
+                        for id in batch.iter() {
+                            black_box(window.lock().unwrap().offer(id));
+                        }
+                    },
+                    BatchSize::LargeInput,
+                )
+            },
+        );
 
         let ordered = Mutex::new(Window::new(cap, true));
         let seq: Vec<EventId> = (0..BATCH * 64)

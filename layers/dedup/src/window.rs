@@ -30,14 +30,24 @@ pub(crate) enum Sequence {
 pub(crate) struct Probe<'a> {
     pub fp: u64,
     pub seq: Option<(&'a [u8], u64)>,
+    /// The ID is `prefix` + its number written without leading zeros: the
+    /// only ID with that prefix and number, so the pair stands for the ID.
+    pub canonical: bool,
 }
 
 impl<'a> Probe<'a> {
     /// Probes `id` for windows keyed with `seed`; needs no lock.
     pub(crate) fn new(seed: u64, id: &'a EventId) -> Self {
+        let bytes = id.as_bytes();
+        let seq = id.sequence_bytes();
+        let canonical = seq.is_some_and(|(p, _)| {
+            let digits = &bytes[p.len()..];
+            digits.len() == 1 || digits[0] != b'0'
+        });
         Probe {
-            fp: fingerprint(seed, id.as_bytes()),
-            seq: id.sequence_bytes(),
+            fp: fingerprint(seed, bytes),
+            seq,
+            canonical,
         }
     }
 }
@@ -56,14 +66,33 @@ struct Position {
 /// 16 in the table at most half full, 1 of overflow counts); two distinct IDs
 /// collide with probability about `capacity / 2^64` per check. Once the window
 /// is full its allocation never changes.
+///
+/// **Run mode.** Most upstreams number their events: while every ID in the
+/// window is one prefix and a strictly rising number written without leading
+/// zeros (a *run*), the ring holds the numbers themselves, sorted, and the
+/// table is left empty. A new ID above the run's top is then known new without
+/// a table probe (the probe is a cache miss per event once many streams share
+/// the cache), and a replayed one is found by binary search. The first ID that
+/// breaks the run fills the table from the ring once; the window goes back to
+/// run mode when a new run has filled the whole ring.
 #[derive(Debug)]
 pub(crate) struct Window {
     capacity: usize,
     ordered: bool,
     seed: u64,
-    /// Fingerprints with the position they were recorded at, oldest first.
+    /// Fingerprints with the position they were recorded at, oldest first; in
+    /// run mode, the run's numbers instead of fingerprints.
     ring: Ring,
     set: FingerprintSet,
+    /// Run mode: the ring holds the run's numbers and the set is empty.
+    in_run: bool,
+    /// The run of canonical sequential IDs at the ring's newest end: its
+    /// prefix and its top number.
+    run: Option<Position>,
+    /// Outside run mode, the numbers of the run's entries (the ring's newest
+    /// ones), oldest first: when they are the whole ring, they become the
+    /// ring of run mode.
+    run_numbers: VecDeque<u64>,
     mark: Option<Position>,
     last: Option<Position>,
     /// The position the next recorded fingerprint gets; only grows, so a
@@ -79,6 +108,9 @@ impl Window {
             seed,
             ring: Ring::default(),
             set: FingerprintSet::default(),
+            in_run: true,
+            run: None,
+            run_numbers: VecDeque::new(),
             mark: None,
             last: None,
             recorded: 0,
@@ -98,7 +130,7 @@ impl Window {
 
     /// Bytes allocated by the window's collections.
     pub(crate) fn allocated_bytes(&self) -> usize {
-        self.ring.allocated_bytes() + self.set.allocated_bytes()
+        self.ring.allocated_bytes() + self.set.allocated_bytes() + self.run_numbers.capacity() * 8
     }
 
     /// Fingerprints `id` and reads its sequence position, once for both
@@ -115,7 +147,7 @@ impl Window {
         let duplicate = match (self.ordered, seq, &self.mark) {
             (true, Some((p, n)), Some(mark)) if same(&mark.prefix, p) => n <= mark.n,
             (true, Some(_), _) => false,
-            _ => self.set.contains(probe.fp),
+            _ => self.holds(probe),
         };
         let sequence = match (seq, &self.last) {
             (Some((p, n)), Some(last)) if same(&last.prefix, p) && !duplicate => {
@@ -141,7 +173,7 @@ impl Window {
     ) -> (Check, Option<Option<u64>>) {
         let seq = probe.seq;
         let use_set = !(self.ordered && seq.is_some());
-        if use_set {
+        if use_set && !self.in_run {
             self.touch_slots(probe.fp);
         }
         let last_same = match (seq, &self.last) {
@@ -149,7 +181,7 @@ impl Window {
             _ => false,
         };
         let duplicate = if use_set {
-            self.set.contains(probe.fp)
+            self.holds(probe)
         } else {
             match (seq, &self.mark) {
                 (Some((p, n)), Some(mark)) if same(&mark.prefix, p) => n <= mark.n,
@@ -182,7 +214,7 @@ impl Window {
                 return (check, Some(None));
             }
         }
-        let position = self.insert_new(probe.fp);
+        let position = self.insert_new(probe);
         (check, Some(Some(position)))
     }
 
@@ -199,21 +231,117 @@ impl Window {
         }
     }
 
-    /// Enters a fingerprint the set does not hold, evicting the oldest when
+    /// Whether the window holds the probed ID. In run mode an ID of the run
+    /// is looked up among the run's numbers, and any other ID is not held.
+    fn holds(&self, probe: &Probe<'_>) -> bool {
+        if !self.in_run {
+            return self.set.contains(probe.fp);
+        }
+        match (probe.canonical, probe.seq, &self.run) {
+            (true, Some((p, n)), Some(run)) if same(&run.prefix, p) => {
+                n <= run.n && self.ring.fps.binary_search(&n).is_ok()
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether recording the probed ID continues the run at the ring's end
+    /// (or starts one in an empty ring); its number if so.
+    fn continues_run(&self, probe: &Probe<'_>) -> Option<u64> {
+        match (probe.canonical, probe.seq, &self.run) {
+            (true, Some((p, n)), Some(run)) if n > run.n && same(&run.prefix, p) => Some(n),
+            (true, Some((_, n)), None) if self.ring.len() == 0 => Some(n),
+            _ => None,
+        }
+    }
+
+    /// Enters an ID the window does not hold, evicting the oldest when
     /// full; returns its ring position.
-    fn insert_new(&mut self, fp: u64) -> u64 {
-        debug_assert!(!self.set.contains(fp));
+    fn insert_new(&mut self, probe: &Probe<'_>) -> u64 {
+        debug_assert!(!self.holds(probe));
+        let continues = self.continues_run(probe);
+        if self.in_run && continues.is_none() {
+            self.leave_run();
+        }
         // Evict before inserting, so that the table never holds more than `capacity`.
         if self.ring.len() == self.capacity {
             if let Some(old) = self.ring.pop_front() {
-                self.set.remove(old);
+                if !self.in_run {
+                    self.set.remove(old);
+                }
             }
         }
-        self.set.insert(fp);
         let position = self.recorded;
-        self.ring.push_back(fp, position);
         self.recorded += 1;
+        match (continues, probe.seq) {
+            (Some(n), Some((p, _))) => match &mut self.run {
+                Some(run) => run.n = n,
+                run => {
+                    *run = Some(Position {
+                        prefix: p.into(),
+                        n,
+                    })
+                }
+            },
+            // A canonical sequential ID below the run, or of another prefix,
+            // starts a new run; any other ID ends it.
+            (None, Some((p, n))) if probe.canonical => {
+                self.run = Some(Position {
+                    prefix: p.into(),
+                    n,
+                });
+                self.run_numbers.clear();
+            }
+            _ => {
+                self.run = None;
+                self.run_numbers.clear();
+            }
+        }
+        if self.in_run {
+            self.ring
+                .push_back(continues.expect("in run mode only the run grows"), position);
+            return position;
+        }
+        self.set.insert(probe.fp);
+        self.ring.push_back(probe.fp, position);
+        if let (Some(run), Some((_, n))) = (&self.run, probe.seq) {
+            debug_assert_eq!(run.n, n);
+            self.run_numbers.push_back(n);
+        }
+        if self.run_numbers.len() == self.ring.len() {
+            self.enter_run();
+        }
         position
+    }
+
+    /// The run fills the whole ring: its numbers become the ring, the table empties.
+    fn enter_run(&mut self) {
+        debug_assert!(!self.in_run && self.run.is_some());
+        std::mem::swap(&mut self.ring.fps, &mut self.run_numbers);
+        self.run_numbers.clear();
+        self.set.clear();
+        self.in_run = true;
+    }
+
+    /// Fills the table from the ring's numbers (the fingerprint of an ID of
+    /// the run is that of its prefix and number written out).
+    fn leave_run(&mut self) {
+        debug_assert!(self.in_run);
+        self.in_run = false;
+        self.run_numbers.clear();
+        let Some(run) = &self.run else {
+            debug_assert_eq!(self.ring.len(), 0);
+            return;
+        };
+        let mut text = run.prefix.to_vec();
+        let len = text.len();
+        for slot in self.ring.fps.iter_mut() {
+            text.truncate(len);
+            text.extend_from_slice(itoa(*slot, &mut [0; 20]));
+            let fp = fingerprint(self.seed, &text);
+            *slot = fp;
+            self.set.insert(fp);
+        }
     }
 
     /// Records a probed ID as taken by a connection (checked and passed on).
@@ -226,10 +354,10 @@ impl Window {
                 return None;
             }
         }
-        if self.set.contains(probe.fp) {
+        if self.holds(probe) {
             return None;
         }
-        Some(self.insert_new(probe.fp))
+        Some(self.insert_new(probe))
     }
 
     /// Forgets what was taken but never delivered: ring entries after position
@@ -242,9 +370,7 @@ impl Window {
             Some(upto) => self.ring.count_up_to(upto),
             None => 0,
         };
-        for fp in self.ring.truncate(keep) {
-            self.set.remove(fp);
-        }
+        self.truncate_ring(keep);
         if self.ordered {
             match (&mut self.mark, delivered_n) {
                 (Some(mark), Some(n)) => mark.n = mark.n.min(n),
@@ -273,13 +399,8 @@ impl Window {
                 return;
             }
         }
-        let fp = fingerprint(self.seed, to.as_bytes());
-        match self.ring.rposition(fp) {
-            Some(pos) => {
-                for dropped in self.ring.truncate(pos + 1) {
-                    self.set.remove(dropped);
-                }
-            }
+        match self.index_of(to) {
+            Some(pos) => self.truncate_ring(pos + 1),
             None => {
                 let last = self.last.take();
                 self.clear();
@@ -288,9 +409,53 @@ impl Window {
         }
     }
 
+    /// The ring index of the newest entry for `id`.
+    fn index_of(&self, id: &EventId) -> Option<usize> {
+        if !self.in_run {
+            return self.ring.rposition(fingerprint(self.seed, id.as_bytes()));
+        }
+        let probe = Probe::new(self.seed, id);
+        match (probe.canonical, probe.seq, &self.run) {
+            (true, Some((p, n)), Some(run)) if same(&run.prefix, p) => {
+                self.ring.fps.binary_search(&n).ok()
+            }
+            _ => None,
+        }
+    }
+
+    /// Keeps the ring's oldest `keep` entries, and the run's that are among them.
+    fn truncate_ring(&mut self, keep: usize) {
+        let dropped = self.ring.truncate(keep);
+        if !self.in_run {
+            for &fp in &dropped {
+                self.set.remove(fp);
+            }
+            // The run is the ring's newest end: it loses what the ring lost.
+            let left = self.run_numbers.len().saturating_sub(dropped.len());
+            self.run_numbers.truncate(left);
+        }
+        let top = if self.in_run {
+            self.ring.fps.back()
+        } else {
+            self.run_numbers.back()
+        };
+        match (top, &mut self.run) {
+            (Some(&n), Some(run)) => run.n = n,
+            (None, run) => *run = None,
+            (Some(_), None) => {}
+        }
+        if !self.in_run && !self.run_numbers.is_empty() && self.run_numbers.len() == self.ring.len()
+        {
+            self.enter_run();
+        }
+    }
+
     fn clear(&mut self) {
         self.ring.clear();
         self.set.clear();
+        self.in_run = true;
+        self.run = None;
+        self.run_numbers.clear();
         self.mark = None;
         self.last = None;
     }
@@ -371,6 +536,19 @@ pub(crate) fn fingerprint(seed: u64, bytes: &[u8]) -> u64 {
         // The table's empty slot; a 2^-64 event, merged with fingerprint 1.
         EMPTY => 1,
         h => h,
+    }
+}
+
+/// `n` in decimal, without leading zeros.
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
     }
 }
 
@@ -724,6 +902,62 @@ mod tests {
         o.rewind(Some(&id("4")));
         assert!(offer(&mut o, "4").duplicate);
         assert!(!offer(&mut o, "5").duplicate);
+    }
+
+    /// Offers and rewinds on numbered streams with replays, padded and
+    /// opaque IDs, in and out of run mode, against a list of the last IDs.
+    #[test]
+    fn run_mode_and_rewinds_match_a_plain_model() {
+        for capacity in [1usize, 2, 5, 16] {
+            let mut w = Window::new(capacity, false, 7);
+            let mut model: VecDeque<String> = VecDeque::new();
+            let mut x = 0x2545_f491_4f6c_dd1d_u64;
+            let mut n = 0u64;
+            let mut runs_seen = 0;
+            for step in 0..20_000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if x.is_multiple_of(23) && !model.is_empty() {
+                    // Rewind to a held ID, or to one not held (clears).
+                    let to = if x.is_multiple_of(3) {
+                        format!("gone{step}")
+                    } else {
+                        model[(x / 23) as usize % model.len()].clone()
+                    };
+                    w.rewind(Some(&id(&to)));
+                    match model.iter().rposition(|m| *m == to) {
+                        Some(at) => model.truncate(at + 1),
+                        None => model.clear(),
+                    }
+                    assert_eq!(w.len(), model.len(), "step {step}");
+                    continue;
+                }
+                let s = match x % 16 {
+                    0 => format!("x{}", x % 4),
+                    1 => format!("0{n}"),
+                    2 | 3 => {
+                        n = n.saturating_sub(x % 7);
+                        n.to_string()
+                    }
+                    _ => {
+                        n += 1 + x % 2;
+                        n.to_string()
+                    }
+                };
+                let held = model.contains(&s);
+                assert_eq!(offer(&mut w, &s).duplicate, held, "{s} at step {step}");
+                if !held {
+                    model.push_back(s);
+                    if model.len() > capacity {
+                        model.pop_front();
+                    }
+                }
+                assert_eq!(w.len(), model.len(), "step {step}");
+                runs_seen += usize::from(w.in_run);
+            }
+            assert!(runs_seen > 0, "capacity {capacity}: never in run mode");
+        }
     }
 
     #[test]

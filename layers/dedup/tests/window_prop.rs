@@ -86,8 +86,62 @@ fn any_id() -> impl Strategy<Value = AnyId> {
     ]
 }
 
+/// One step of an upstream-like ID stream: mostly rising numbers, with
+/// replays from an earlier number (a reconnect's overlap), zero-padded
+/// numbers (`07`: another ID than `7`), opaque IDs and prefix changes.
+#[derive(Debug, Clone)]
+enum Step {
+    Up(u64),
+    Back(u64),
+    Padded,
+    Opaque(u8),
+    Prefix(&'static str),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        12 => (1u64..3).prop_map(Step::Up),
+        2 => (0u64..25).prop_map(Step::Back),
+        1 => Just(Step::Padded),
+        1 => (0u8..5).prop_map(Step::Opaque),
+        1 => prop::sample::select(vec!["", "e1-", "e2-"]).prop_map(Step::Prefix),
+    ]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Numbered streams keep the window in run mode (numbers in the ring, no
+    /// table) until an ID breaks the run; either way it answers as the model.
+    #[test]
+    fn plain_window_on_numbered_streams_matches_the_model(
+        capacity in 1usize..=24,
+        steps in prop::collection::vec(step(), 0..=400),
+    ) {
+        let mut window = Window::new(capacity, false);
+        let mut model = RecentModel::new(capacity);
+        let (mut prefix, mut n) = ("", 0u64);
+        for step in &steps {
+            let s = match step {
+                Step::Up(d) => {
+                    n += d;
+                    format!("{prefix}{n}")
+                }
+                Step::Back(j) => {
+                    n = n.saturating_sub(*j);
+                    format!("{prefix}{n}")
+                }
+                Step::Padded => format!("{prefix}0{n}"),
+                Step::Opaque(k) => format!("x{k}"),
+                Step::Prefix(p) => {
+                    prefix = p;
+                    format!("{prefix}{n}")
+                }
+            };
+            prop_assert_eq!(window.offer(&id(&s)), model.offer(&s), "{}", s);
+            prop_assert_eq!(window.len(), model.recent.len());
+        }
+    }
 
     #[test]
     fn plain_window_matches_the_last_delivered_ids(
@@ -159,4 +213,35 @@ proptest! {
         }
         prop_assert_eq!(got, want);
     }
+}
+
+/// A numbered stream needs no fingerprint table: the window holds 8 bytes per
+/// ID, not about 25, and still finds a replayed overlap.
+#[test]
+fn numbered_stream_window_holds_numbers_only() {
+    const CAPACITY: usize = 1024;
+    let mut window = Window::new(CAPACITY, false);
+    for n in 1..=100_000u64 {
+        assert!(window.offer(&EventId::from_u64(n)));
+    }
+    assert_eq!(window.len(), CAPACITY);
+    let bytes = window.allocated_bytes();
+    assert!(
+        bytes <= CAPACITY * 8 + 64,
+        "{bytes} bytes for a window of {CAPACITY} numbered IDs"
+    );
+    // A reconnect's overlap: the last 10 again, then new ones.
+    for n in 99_991..=100_000u64 {
+        assert!(!window.offer(&EventId::from_u64(n)), "{n} is a duplicate");
+    }
+    assert!(window.offer(&EventId::from_u64(100_001)));
+    // An ID out of the run: the table is built once, duplicates still found.
+    assert!(window.offer(&id("opaque")));
+    assert!(!window.offer(&id("opaque")));
+    assert!(!window.offer(&EventId::from_u64(100_001)));
+    assert!(!window.offer(&EventId::from_u64(99_500)));
+    assert!(
+        window.offer(&id("099500")),
+        "a zero-padded ID is another ID"
+    );
 }
