@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use tower_sse::body::Below;
 use tower_sse::parse::Frame;
@@ -278,7 +278,7 @@ impl Recorder {
         let key = self.target.key.clone();
         let registry = self.target.registry.clone();
         let stream = self.target.stream.clone();
-        handle.spawn(async move {
+        let mut writer: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
             loop {
                 let next = lock(&slot.latest).take();
                 match next {
@@ -299,6 +299,15 @@ impl Recorder {
                 }
             }
         });
+        // A store that answers at once (the memory store) needs no task: poll
+        // the writer here first, and spawn it only if it has to wait.
+        if writer
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_pending()
+        {
+            handle.spawn(writer);
+        }
     }
 }
 
