@@ -133,6 +133,17 @@ impl EventId {
         self.as_bytes().is_empty()
     }
 
+    /// Whether the ID already owns its bytes (a short ID is held inline), so
+    /// that keeping it pins no chunk and [`detached`](Self::detached) copies nothing.
+    ///
+    /// ```
+    /// use tower_sse::EventId;
+    /// assert!(EventId::new("42").unwrap().is_detached());
+    /// ```
+    pub fn is_detached(&self) -> bool {
+        matches!(self.0, IdRepr::Inline { .. })
+    }
+
     /// A copy that owns its bytes, for keeping past delivery.
     pub fn detached(&self) -> Self {
         match &self.0 {

@@ -156,24 +156,28 @@ impl Recorder {
         Some(self.seq.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
-    /// What to store for a batch: the events' bytes and IDs are copied into one
-    /// buffer (so stored events never pin the upstream chunks they came in, at
-    /// one allocation per batch rather than two per event).
+    /// What to store for a batch: the events' bytes (and the IDs too long to
+    /// be held inline) are copied into one buffer, so stored events never pin
+    /// the upstream chunks they came in, at one allocation per batch rather
+    /// than two per event.
     fn stored(frames: &VecDeque<Frame>, seqs: &[(usize, u64)], now_ms: u64) -> Vec<StoredEvent> {
         let event = |i: usize| match &frames[i] {
             Frame::Event(ev) => ev.id().map(|id| (ev, id)),
             Frame::Other(_) => None,
         };
+        let shared_len = |id: &EventId| if id.is_detached() { 0 } else { id.len() };
         let len = seqs
             .iter()
             .filter_map(|&(i, _)| event(i))
-            .map(|(ev, id)| ev.raw().len() + id.len())
+            .map(|(ev, id)| ev.raw().len() + shared_len(id))
             .sum();
         let mut buf = bytes::BytesMut::with_capacity(len);
         for &(i, _) in seqs {
             if let Some((ev, id)) = event(i) {
                 buf.extend_from_slice(ev.raw());
-                buf.extend_from_slice(id.as_bytes());
+                if !id.is_detached() {
+                    buf.extend_from_slice(id.as_bytes());
+                }
             }
         }
         let mut buf = buf.freeze();
@@ -181,11 +185,15 @@ impl Recorder {
         for &(i, seq) in seqs {
             let Some((ev, id)) = event(i) else { continue };
             let raw = buf.split_to(ev.raw().len());
-            let id_bytes = buf.split_to(id.len());
+            let id = if id.is_detached() {
+                id.clone()
+            } else {
+                // The bytes are a copy of a valid ID: validation passes.
+                EventId::new(buf.split_to(id.len())).unwrap_or_else(|_| id.detached())
+            };
             stored.push(StoredEvent {
                 seq,
-                // The bytes are a copy of a valid ID: validation passes.
-                id: EventId::new(id_bytes).unwrap_or_else(|_| id.detached()),
+                id,
                 raw,
                 stored_at_ms: now_ms,
             });
