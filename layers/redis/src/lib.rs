@@ -540,6 +540,9 @@ impl Buffer {
     }
 }
 
+/// The most turns the writer yields to writers before it sends a pipeline.
+const YIELDS: usize = 4;
+
 /// How often drops are logged while they go on.
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
@@ -577,10 +580,20 @@ async fn writer(
         }
         // Take what waits in the queue, up to the bound (Redis answering:
         // nothing is dropped; past the bound, writers wait in the queue).
-        while buf.has_room() {
-            match rx.try_recv() {
-                Ok(p) => buf.push(p),
-                Err(_) => break,
+        // Writers woken by the last acknowledgements get turns to queue their
+        // next writes, so that they go in this pipeline: while a turn brings
+        // some, another (a few at most).
+        for _ in 0..YIELDS {
+            tokio::task::yield_now().await;
+            let before = buf.pending.len();
+            while buf.has_room() {
+                match rx.try_recv() {
+                    Ok(p) => buf.push(p),
+                    Err(_) => break,
+                }
+            }
+            if buf.pending.len() == before {
+                break;
             }
         }
         let batch = buf.batch();
