@@ -67,7 +67,8 @@ for s = 1, #KEYS, 2 do
     local b, nn, d
     last, b, nn, ttl_at, d = string.match(meta, '^(%d+) (%d+) (%d+) (%d+) (%d+)$')
     if last then
-      bytes, n, taken = tonumber(b), tonumber(nn), tonumber(d)
+      bytes, n = tonumber(b), tonumber(nn)
+      if d ~= '0' then taken = tonumber(d) end
     else
       -- Unreadable: as if missing (the stream starts over).
       meta, last, ttl_at = nil, '0', '0'
@@ -206,7 +207,7 @@ for s = 1, #KEYS, 2 do
       created = false
     end
     pairs_[np + 1] = M
-    pairs_[np + 2] = string.format('%s %d %d %s %d', last, sum, n, ttl_at, taken)
+    pairs_[np + 2] = string.format('%s %d %d %s %s', last, sum, n, ttl_at, taken == 0 and '0' or string.format('%d', taken))
     np = np + 2
     local meta_new = (meta and not wiped) and 0 or 1
     if cursor then
