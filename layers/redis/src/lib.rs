@@ -15,10 +15,11 @@
 //! taken`, and `\0c`: the cursor), where `h` is the hex encoding of the
 //! length-prefixed session and resource of `k`. `v2` is the key format:
 //! another format's keys are not read (a store of this version starts with
-//! empty histories next to them, and they expire). Hex keeps any user-supplied key — with `:`,
-//! `*`, `{`, `}`, newlines, 10 KiB long — inside its own namespace and its own
-//! cluster hash slot; keys are bounded because stream keys are (4 KiB resource,
-//! 256-byte session). `p:epoch` holds the store's epoch.
+//! empty histories next to them, and they expire). Hex keeps any
+//! user-supplied key — with `:`, `*`, `{`, `}`, newlines, 10 KiB long —
+//! inside its own namespace and its own cluster hash slot; keys are bounded
+//! because stream keys are (4 KiB resource, 256-byte session). `p:epoch`
+//! holds the store's epoch.
 //!
 //! # Leases and live tail
 //!
