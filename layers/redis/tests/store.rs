@@ -307,6 +307,38 @@ async fn a_log_lost_without_its_meta_does_not_skew_byte_retention() {
     );
 }
 
+/// A cursor written before the stream's first event lives in the idx hash
+/// that the first append then fills: both stay, and the meta counts the log.
+#[tokio::test]
+async fn a_cursor_written_before_the_first_event_stays() {
+    let Some(url) = redis_url() else { return };
+    let store = open_store(&url, "cursor-first", Retention::default()).await;
+    let mut conn = raw_connection(&url).await;
+    let key = StreamKey::new("/c").unwrap();
+    store
+        .set_cursor(&key, Some(&EventId::new("before").unwrap()))
+        .await
+        .unwrap();
+    store
+        .append(&key, (1..=3).map(|n| ev(n, &n.to_string(), "x")).collect())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.cursor(&key).await.unwrap(),
+        Some(EventId::new("before").unwrap())
+    );
+    assert_eq!(store.last_seq(&key).await.unwrap(), 3);
+    let bytes: u64 = (1..=3)
+        .map(|n| ev(n, &n.to_string(), "x").raw.len() as u64)
+        .sum();
+    assert_eq!(idx_len_and_bytes(&mut conn, &store, &key).await, (3, bytes));
+    // Clearing the cursor leaves the rest alone.
+    store.set_cursor(&key, None).await.unwrap();
+    assert_eq!(store.cursor(&key).await.unwrap(), None);
+    assert_eq!(store.last_seq(&key).await.unwrap(), 3);
+    assert_eq!(idx_len_and_bytes(&mut conn, &store, &key).await, (3, bytes));
+}
+
 /// Event IDs reused at the cap, one or several events per append, and
 /// batches retried: after every append the index holds exactly the kept
 /// events' IDs, each pointing at its latest kept entry, and the meta's bytes,
