@@ -457,14 +457,14 @@ async fn hostile_session_cookies_are_isolated_refused_and_inert_in_redis() {
         "no refused request reached the upstream"
     );
 
-    // Redis: the keys are exactly the valid sessions' log, idx and meta, and the
+    // Redis: the keys are exactly the valid sessions' log and idx, and the
     // epoch, all under the prefix, each with one hash tag.
     let store = RedisStore::builder(&store_url).open().await.unwrap();
     let mut expected: Vec<String> = valid
         .iter()
         .flat_map(|s| {
             let key = StreamKey::with_session(s, "/events").unwrap();
-            ["log", "idx", "meta"].map(|part| store.redis_key(&key, part))
+            ["log", "idx"].map(|part| store.redis_key(&key, part))
         })
         .chain(["tower-sse:epoch".to_owned()])
         .collect();

@@ -168,7 +168,7 @@ struct Naive {
     conn: redis::aio::MultiplexedConnection,
     sha: String,
     retention: Retention,
-    keys: Vec<[String; 3]>,
+    keys: Vec<[String; 2]>,
     seqs: Vec<u64>,
     turn: usize,
 }
@@ -178,14 +178,13 @@ impl Naive {
         let r = self.retention;
         let start = Instant::now();
         for _ in 0..iters {
-            let [log, idx, meta] = &self.keys[self.turn];
+            let [log, idx] = &self.keys[self.turn];
             let e = event(self.seqs[self.turn]);
             let _: redis::Value = redis::cmd("EVALSHA")
                 .arg(&self.sha)
-                .arg(3)
+                .arg(2)
                 .arg(log)
                 .arg(idx)
-                .arg(meta)
                 .arg(r.max_events)
                 .arg(r.max_bytes)
                 .arg(r.max_age.as_millis() as u64)
@@ -255,7 +254,7 @@ fn regime(
         },
         keys: naive
             .iter()
-            .map(|k| ["log", "idx", "meta"].map(|part| store.redis_key(k, part)))
+            .map(|k| ["log", "idx"].map(|part| store.redis_key(k, part)))
             .collect(),
         seqs: vec![first; APPENDERS],
         turn: 0,

@@ -1,113 +1,232 @@
 -- Appends the events of one or more streams and enforces retention, in one
--- atomic call. KEYS: log, idx, meta of each stream (one stream's three keys
--- share a hash slot). ARGV: max events, max bytes, TTL in ms (0: none), then
--- per stream, in KEYS order: its number of events k, then k times
+-- atomic call. KEYS: log, idx of each stream (one stream's keys share a hash
+-- slot). ARGV: max events, max bytes, TTL in ms (0: none), then per stream,
+-- in KEYS order: its number of events k, then k times
 -- `seq, id, raw, stored_at_ms`. Events at or below a stream's last sequence
--- are skipped (a retried batch adds nothing). Sequence numbers are kept as
--- the decimal strings the client sent.
+-- are skipped (a retried batch adds nothing).
 --
--- meta holds `last_seq`, `bytes`, `n` (the log's length) and `ttl_at` (when
--- the TTL is next refreshed: the three keys' TTL is refreshed once it has run
--- down by 1/64, not on every call), so that an append reads one hash and
--- writes it back: fewer commands per stream. A log lost without its meta
--- (evicted; expired while a cursor write kept the meta) is noticed by
--- `XADD NOMKSTREAM`, and counted from zero again.
+-- idx maps event IDs to their sequence numbers and, under field names that
+-- start with NUL (which no event ID has), holds the stream's meta and cursor:
+-- `\0m` is `last_seq bytes n ttl_at taken` (the last sequence; the log's
+-- bytes and length; when the keys' TTL is next refreshed, once it has run
+-- down by 1/64, not on every call; how many log entries carry an ID that a
+-- later entry took over), `\0c` the cursor. So an append reads one field and
+-- writes it back with the new IDs: HGET, XADD, HSET per stream; at the cap
+-- also an XRANGE of the oldest entries (their sizes and IDs) and an HDEL of
+-- their IDs, the log being trimmed by the XADD itself (MINID). While `taken`
+-- is 0, each trimmed entry's ID points at it and is deleted unread.
+--
+-- A log lost while its idx stays (evicted; expired while cursor writes kept
+-- the idx) is noticed (XADD NOMKSTREAM, or no oldest entries to read) and
+-- the stream starts from zero again, its stale IDs gone; an idx lost while
+-- its log stays (evicted) drops the log too. Sequence numbers are compared
+-- as the decimal strings the client sent; sums are written with `%d`. Work
+-- tables are reused across streams: a call allocates little.
 local max_events, max_bytes, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 -- unpack() takes a bounded number of values: long argument lists go in slices.
 local STEP = 1000
+local M, C = '\0m', '\0c'
 
-local function call_sliced(cmd, key, list)
-  for i = 1, #list, STEP do
-    redis.call(cmd, key, unpack(list, i, math.min(i + STEP - 1, #list)))
-  end
+-- a > b for canonical decimal strings.
+local function gt(a, b)
+  local la, lb = #a, #b
+  if la ~= lb then return la > lb end
+  return a > b
 end
 
-local now = 0
+-- Calls cmd on key with list[1..len], in slices of `slice` values; the sum of the replies.
+local function sliced(cmd, key, list, len, slice)
+  local r = 0
+  for i = 1, len, slice do
+    r = r + redis.call(cmd, key, unpack(list, i, math.min(i + slice - 1, len)))
+  end
+  return r
+end
+
+local now = '0'
 if ttl > 0 then
   local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 end
+local refresh_every = math.floor(ttl / 64)
+
+-- Reused per stream: new events' argument indexes; ID/seq pairs for idx;
+-- trimmed entries' IDs and sequence numbers; IDs to forget.
+local fresh, pairs_, ids, seqs, stale = {}, {}, {}, {}, {}
 
 local a = 4
-for s = 1, #KEYS, 3 do
-  local log, idx, meta = KEYS[s], KEYS[s + 1], KEYS[s + 2]
+for s = 1, #KEYS, 2 do
+  local log, idx = KEYS[s], KEYS[s + 1]
   local first = a + 1
-  local stop = a + 4 * tonumber(ARGV[a])
+  local k = ARGV[a]
+  local stop = a + 4 * (k == '1' and 1 or tonumber(k))
   a = stop + 1
-  local m = redis.call('HMGET', meta, 'last_seq', 'bytes', 'n', 'ttl_at')
-  local last_s = m[1] or '0'
-  local last = tonumber(last_s)
-  -- A meta written before `n` was kept, or none: count the log.
-  local n = tonumber(m[3] or '') or redis.call('XLEN', log)
-  local bytes = n > 0 and tonumber(m[2] or '0') or 0
-  local created = false
-  local fresh = {}
-  for i = first, stop, 4 do
-    local seq = tonumber(ARGV[i])
-    if seq > last then
-      local id = ARGV[i] .. '-0'
-      if n == 0 or not redis.call('XADD', log, 'NOMKSTREAM', id, 'id', ARGV[i + 1], 'raw', ARGV[i + 2], 't', ARGV[i + 3]) then
-        -- No log (yet, or any more): it starts here, from zero.
-        if n > 0 then n, bytes = 0, 0 end
-        redis.call('XADD', log, id, 'id', ARGV[i + 1], 'raw', ARGV[i + 2], 't', ARGV[i + 3])
-        created = true
-      end
-      fresh[#fresh + 1] = ARGV[i + 1]
-      fresh[#fresh + 1] = ARGV[i]
-      bytes = bytes + #ARGV[i + 2]
-      n = n + 1
-      last, last_s = seq, ARGV[i]
+  local meta = redis.call('HGET', idx, M)
+  local last, bytes, n, ttl_at, taken = '0', 0, 0, '0', 0
+  if meta then
+    local b, nn, d
+    last, b, nn, ttl_at, d = string.match(meta, '^(%d+) (%d+) (%d+) (%d+) (%d+)$')
+    if last then
+      bytes, n = tonumber(b), tonumber(nn)
+      if d ~= '0' then taken = tonumber(d) end
+    else
+      -- Unreadable: as if missing (the stream starts over).
+      meta, last, ttl_at = nil, '0', '0'
     end
   end
-  if #fresh > 0 then
-    -- Event ID -> seq; a later event with the same ID takes the entry over.
-    call_sliced('HSET', idx, fresh)
-    -- Trim the oldest entries past the bounds (the newest one always stays),
-    -- read a slice at a time, deleted together.
-    if n > 1 and (n > max_events or bytes > max_bytes) then
-      local gone, ids, seqs = {}, {}, {}
-      local from = '-'
-      while n > 1 and (n > max_events or bytes > max_bytes) do
-        local want = math.min(math.max(n - max_events, 1), n - 1, STEP)
-        local oldest = redis.call('XRANGE', log, from, '+', 'COUNT', want)
-        if #oldest == 0 then break end
+  -- The new events: those past the last sequence.
+  local nf, added = 0, 0
+  for i = first, stop, 4 do
+    if gt(ARGV[i], last) then
+      nf = nf + 1
+      fresh[nf] = i
+      added = added + #ARGV[i + 2]
+      last = ARGV[i]
+    end
+  end
+  if nf > 0 then
+    -- Whether the idx was emptied (a lost log), the log created.
+    local wiped, created, cursor = false, false, nil
+    if not meta then
+      -- A new stream, or one whose idx is gone: a log without it starts over.
+      redis.call('DEL', log)
+    end
+    -- Trim plan: the oldest entries past the bounds (the newest one always
+    -- stays), read a slice at a time; then the oldest new events.
+    local total, sum = n + nf, bytes + added
+    local ni, minid = 0, nil
+    local kept, old = 1, n
+    local from = '-'
+    while total > 1 and (total > max_events or sum > max_bytes) and old > 0 do
+      local want = math.min(math.max(total - max_events, 1), old, STEP)
+      local oldest = redis.call('XRANGE', log, from, '+', 'COUNT', want)
+      if #oldest == 0 then
+        if minid then break end
+        -- The log is gone: it starts again with this call's events.
+        wiped = true
+        total, sum, old, n, taken = nf, added, 0, 0, 0
+      else
         for _, e in ipairs(oldest) do
-          if not (n > 1 and (n > max_events or bytes > max_bytes)) then break end
+          if not (total > 1 and (total > max_events or sum > max_bytes)) then break end
           local f = e[2]
           local oid, oraw = nil, ''
           for j = 1, #f, 2 do
             if f[j] == 'id' then oid = f[j + 1] elseif f[j] == 'raw' then oraw = f[j + 1] end
           end
-          gone[#gone + 1] = e[1]
+          minid = e[1]
           if oid then
-            ids[#ids + 1] = oid
-            seqs[#seqs + 1] = string.match(e[1], '^(%d+)')
+            ni = ni + 1
+            ids[ni] = oid
+            seqs[ni] = string.match(minid, '^(%d+)')
           end
-          bytes = bytes - #oraw
-          n = n - 1
+          sum = sum - #oraw
+          total, old, n = total - 1, old - 1, n - 1
         end
         from = '(' .. oldest[#oldest][1]
       end
-      call_sliced('XDEL', log, gone)
-      -- Forget an ID only if it still points at the trimmed entry.
-      local stale = {}
-      for i = 1, #ids, STEP do
-        local j = math.min(i + STEP - 1, #ids)
-        local cur = redis.call('HMGET', idx, unpack(ids, i, j))
-        for x = i, j do
-          if cur[x - i + 1] == seqs[x] then stale[#stale + 1] = ids[x] end
+    end
+    while total > 1 and (total > max_events or sum > max_bytes) do
+      sum = sum - #ARGV[fresh[kept] + 2]
+      total = total - 1
+      kept = kept + 1
+    end
+    if minid then
+      -- The last XADD trims every entry up to the last trimmed one.
+      local ms, sq = string.match(minid, '^(%d+)-(%d+)$')
+      minid = ms .. '-' .. string.format('%d', tonumber(sq) + 1)
+    end
+    if ni > 0 then
+      -- Forget an ID only if it still points at the trimmed entry; while no
+      -- entry's ID was taken over by a later one, each does.
+      local ns = ni
+      if taken > 0 then
+        ns = 0
+        for i = 1, ni, STEP do
+          local j = math.min(i + STEP - 1, ni)
+          local cur = redis.call('HMGET', idx, unpack(ids, i, j))
+          for x = i, j do
+            if cur[x - i + 1] == seqs[x] then
+              ns = ns + 1
+              stale[ns] = ids[x]
+            elseif taken > 0 then
+              taken = taken - 1
+            end
+          end
+        end
+        sliced('HDEL', idx, stale, ns, STEP)
+      else
+        sliced('HDEL', idx, ids, ni, STEP)
+      end
+    end
+    -- Append the kept new events.
+    for x = kept, nf do
+      local i = fresh[x]
+      local r
+      if n > 0 and not wiped then
+        if x == nf and minid then
+          r = redis.call('XADD', log, 'NOMKSTREAM', 'MINID', '=', minid, ARGV[i] .. '-0', 'id', ARGV[i + 1], 'raw', ARGV[i + 2], 't', ARGV[i + 3])
+        else
+          r = redis.call('XADD', log, 'NOMKSTREAM', ARGV[i] .. '-0', 'id', ARGV[i + 1], 'raw', ARGV[i + 2], 't', ARGV[i + 3])
+        end
+        if not r then
+          -- The log is gone (no trim was planned: its read would have seen
+          -- that): it starts again with this call's kept events.
+          wiped, taken, n = true, 0, 0
+          sum = 0
+          for y = kept, nf do sum = sum + #ARGV[fresh[y] + 2] end
+          for y = kept, x - 1 do
+            local iy = fresh[y]
+            redis.call('XADD', log, ARGV[iy] .. '-0', 'id', ARGV[iy + 1], 'raw', ARGV[iy + 2], 't', ARGV[iy + 3])
+            n = n + 1
+          end
         end
       end
-      call_sliced('HDEL', idx, stale)
+      if not r then
+        if wiped and not created then
+          -- The lost log's IDs point at nothing: the idx starts over too (cursor kept).
+          cursor = redis.call('HGET', idx, C)
+          redis.call('DEL', idx)
+        end
+        redis.call('XADD', log, ARGV[i] .. '-0', 'id', ARGV[i + 1], 'raw', ARGV[i + 2], 't', ARGV[i + 3])
+        created = true
+      end
+      n = n + 1
     end
-    local ttl_at = tonumber(m[4] or '0')
-    local refresh = ttl > 0 and (created or now >= ttl_at)
-    if refresh then ttl_at = now + math.floor(ttl / 64) end
-    redis.call('HSET', meta, 'last_seq', last_s, 'bytes', bytes, 'n', n, 'ttl_at', ttl_at)
-    if refresh then
+    -- The new IDs, the meta (and a wiped idx's cursor), in one HSET.
+    local np = 0
+    for x = kept, nf do
+      local i = fresh[x]
+      pairs_[np + 1] = ARGV[i + 1]
+      pairs_[np + 2] = ARGV[i]
+      np = np + 2
+    end
+    local written = np / 2
+    if ttl > 0 and (created or not gt(ttl_at, now)) then
+      ttl_at = string.format('%d', tonumber(now) + refresh_every)
+    else
+      created = false
+    end
+    pairs_[np + 1] = M
+    pairs_[np + 2] = string.format('%s %d %d %s %s', last, sum, n, ttl_at, taken == 0 and '0' or string.format('%d', taken))
+    np = np + 2
+    local meta_new = (meta and not wiped) and 0 or 1
+    if cursor then
+      pairs_[np + 1] = C
+      pairs_[np + 2] = cursor
+      np = np + 2
+      meta_new = meta_new + 1
+    end
+    local new_fields = sliced('HSET', idx, pairs_, np, 2 * STEP)
+    -- Each new event whose ID idx had already (or an earlier one in this
+    -- call) took it over from an older entry.
+    local took = written - (new_fields - meta_new)
+    if took > 0 then
+      redis.call('HSET', idx, M, string.format('%s %d %d %s %d', last, sum, n, ttl_at, taken + took))
+    end
+    if created then
+      -- Also when the TTL ran down by 1/64.
       redis.call('PEXPIRE', log, ttl)
       redis.call('PEXPIRE', idx, ttl)
-      redis.call('PEXPIRE', meta, ttl)
     end
   end
 end

@@ -9,13 +9,17 @@
 //! # Layout
 //!
 //! With prefix `p` (default `tower-sse`) and a stream key `k`, the keys are
-//! `p:{h}:log` (a Redis Stream: entry `seq-0` with fields `id`, `raw`, `t`),
-//! `p:{h}:idx` (hash: event ID → seq) and `p:{h}:meta` (hash: `last_seq`,
-//! `bytes`, `n` (the log's length), `ttl_at`, `cursor`), where `h` is the hex encoding of the length-prefixed
-//! session and resource of `k`. Hex keeps any user-supplied key — with `:`,
-//! `*`, `{`, `}`, newlines, 10 KiB long — inside its own namespace and its own
-//! cluster hash slot; keys are bounded because stream keys are (4 KiB resource,
-//! 256-byte session). `p:epoch` holds the store's epoch.
+//! `p:{h}:v2:log` (a Redis Stream: entry `seq-0` with fields `id`, `raw`, `t`)
+//! and `p:{h}:v2:idx` (hash: event ID → seq; and, under field names starting
+//! with NUL, which no event ID has, `\0m`: the meta `last_seq bytes n ttl_at
+//! taken`, and `\0c`: the cursor), where `h` is the hex encoding of the
+//! length-prefixed session and resource of `k`. `v2` is the key format:
+//! another format's keys are not read (a store of this version starts with
+//! empty histories next to them, and they expire). Hex keeps any
+//! user-supplied key — with `:`, `*`, `{`, `}`, newlines, 10 KiB long —
+//! inside its own namespace and its own cluster hash slot; keys are bounded
+//! because stream keys are (4 KiB resource, 256-byte session). `p:epoch`
+//! holds the store's epoch.
 //!
 //! # Leases and live tail
 //!
@@ -83,6 +87,14 @@ const APPEND: &str = include_str!("append.lua");
 /// At most this many events go into one script call (a call holds Redis for
 /// its whole run); one stream's events are never split across calls.
 const EVENTS_PER_CALL: usize = 2048;
+
+/// The suffixes of a stream's log and idx keys (format `v2`: the meta lives in idx).
+const LOG: &str = "v2:log";
+const IDX: &str = "v2:idx";
+
+/// The idx fields of the meta (`last_seq bytes n ttl_at taken`) and of the cursor.
+const META_FIELD: &[u8] = b"\0m";
+const CURSOR_FIELD: &[u8] = b"\0c";
 
 /// At most this many queued writes go into one pipeline.
 const WRITES_PER_PIPELINE: usize = 4096;
@@ -232,16 +244,15 @@ impl Shared {
         out
     }
 
-    /// The log, idx and meta keys of a stream.
-    fn keys(&self, key: &StreamKey) -> [String; 3] {
+    /// The log and idx keys of a stream.
+    fn keys(&self, key: &StreamKey) -> [String; 2] {
         let tag = self.tag(key);
-        let part = |suffix: &str| {
-            let mut out = String::with_capacity(tag.len() + suffix.len());
-            out.push_str(&tag);
-            out.push_str(suffix);
-            out
-        };
-        [part("log"), part("idx"), part("meta")]
+        let mut log = String::with_capacity(tag.len() + LOG.len());
+        log.push_str(&tag);
+        log.push_str(LOG);
+        let mut idx = tag;
+        idx.push_str(IDX);
+        [log, idx]
     }
 
     /// `prefix:{hex(...)}:`, the part of a stream's keys before the suffix.
@@ -345,9 +356,14 @@ impl RedisStore {
         self.shared.pipelines.load(Ordering::Relaxed)
     }
 
-    /// The Redis key of a stream's part (`log`, `idx`, `meta`), for inspection.
+    /// The Redis key of a stream's part (`log`, `idx`, `lease`), for inspection.
     pub fn redis_key(&self, key: &StreamKey, part: &str) -> String {
-        self.shared.key(key, part)
+        let suffix = match part {
+            "log" => LOG,
+            "idx" => IDX,
+            other => other,
+        };
+        self.shared.key(key, suffix)
     }
 
     async fn submit(&self, write: Write) -> Result<(), StoreError> {
@@ -525,6 +541,9 @@ impl Buffer {
     }
 }
 
+/// The most turns the writer yields to writers before it sends a pipeline.
+const YIELDS: usize = 4;
+
 /// How often drops are logged while they go on.
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
@@ -562,10 +581,20 @@ async fn writer(
         }
         // Take what waits in the queue, up to the bound (Redis answering:
         // nothing is dropped; past the bound, writers wait in the queue).
-        while buf.has_room() {
-            match rx.try_recv() {
-                Ok(p) => buf.push(p),
-                Err(_) => break,
+        // Writers woken by the last acknowledgements get turns to queue their
+        // next writes, so that they go in this pipeline: while a turn brings
+        // some, another (a few at most).
+        for _ in 0..YIELDS {
+            tokio::task::yield_now().await;
+            let before = buf.pending.len();
+            while buf.has_room() {
+                match rx.try_recv() {
+                    Ok(p) => buf.push(p),
+                    Err(_) => break,
+                }
+            }
+            if buf.pending.len() == before {
+                break;
             }
         }
         let batch = buf.batch();
@@ -694,10 +723,10 @@ fn pipeline_of(shared: &Shared, batch: &[Pending], load_script: bool) -> redis::
         let cmd = pipe
             .cmd("EVALSHA")
             .arg(&shared.append_sha)
-            .arg(3 * call.len());
+            .arg(2 * call.len());
         for (key, _) in call {
-            let [log, idx, meta] = shared.keys(key);
-            cmd.arg(log).arg(idx).arg(meta);
+            let [log, idx] = shared.keys(key);
+            cmd.arg(log).arg(idx);
         }
         cmd.arg(r.max_events)
             .arg(r.max_bytes)
@@ -714,20 +743,20 @@ fn pipeline_of(shared: &Shared, batch: &[Pending], load_script: bool) -> redis::
         cmd.ignore();
     }
     for (key, cursor) in cursors {
-        let meta = shared.key(key, "meta");
+        let idx = shared.key(key, IDX);
         match cursor {
             Some(id) => pipe
                 .cmd("HSET")
-                .arg(&meta)
-                .arg("cursor")
+                .arg(&idx)
+                .arg(CURSOR_FIELD)
                 .arg(id.as_bytes())
                 .ignore(),
-            None => pipe.cmd("HDEL").arg(&meta).arg("cursor").ignore(),
+            None => pipe.cmd("HDEL").arg(&idx).arg(CURSOR_FIELD).ignore(),
         };
         // A zero max age means no expiry, as in the append script (PEXPIRE 0 would delete).
         if !r.max_age.is_zero() {
             pipe.cmd("PEXPIRE")
-                .arg(&meta)
+                .arg(&idx)
                 .arg(r.max_age.as_millis() as u64)
                 .ignore();
         }
@@ -759,10 +788,10 @@ impl EventStore for RedisStore {
         limit: usize,
     ) -> BoxFuture<'a, Result<ReplayPage, StoreError>> {
         Box::pin(async move {
-            let log = self.shared.key(key, "log");
+            let log = self.shared.key(key, LOG);
             let mut pipe = redis::pipe();
             pipe.cmd("HGET")
-                .arg(self.shared.key(key, "idx"))
+                .arg(self.shared.key(key, IDX))
                 .arg(after.as_bytes());
             pipe.cmd("XRANGE")
                 .arg(&log)
@@ -798,10 +827,16 @@ impl EventStore for RedisStore {
         Box::pin(async move {
             let mut pipe = redis::pipe();
             pipe.cmd("HGET")
-                .arg(self.shared.key(key, "meta"))
-                .arg("last_seq");
+                .arg(self.shared.key(key, IDX))
+                .arg(META_FIELD);
             let replies = self.query(pipe).await?;
-            Ok(replies.first().and_then(u64_of).unwrap_or(0))
+            // `last_seq bytes n ttl_at taken`
+            Ok(replies
+                .first()
+                .and_then(bytes_of)
+                .and_then(|meta| meta.split(|&b| b == b' ').next())
+                .and_then(|last| std::str::from_utf8(last).ok()?.parse().ok())
+                .unwrap_or(0))
         })
     }
 
@@ -812,8 +847,8 @@ impl EventStore for RedisStore {
         Box::pin(async move {
             let mut pipe = redis::pipe();
             pipe.cmd("HGET")
-                .arg(self.shared.key(key, "meta"))
-                .arg("cursor");
+                .arg(self.shared.key(key, IDX))
+                .arg(CURSOR_FIELD);
             let replies = self.query(pipe).await?;
             Ok(replies
                 .first()
@@ -854,7 +889,7 @@ impl EventStore for RedisStore {
         Box::pin(async move {
             let mut pipe = redis::pipe();
             pipe.cmd("XREVRANGE")
-                .arg(self.shared.key(key, "log"))
+                .arg(self.shared.key(key, LOG))
                 .arg("+")
                 .arg("-")
                 .arg("COUNT")
@@ -923,7 +958,7 @@ impl EventStore for RedisStore {
     ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
         Box::pin(
             self.tails
-                .tail(self.shared.key(key, "log"), after_seq, limit, block),
+                .tail(self.shared.key(key, LOG), after_seq, limit, block),
         )
     }
 }

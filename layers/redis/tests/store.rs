@@ -236,13 +236,25 @@ async fn a_log_lost_without_its_meta_does_not_skew_byte_retention() {
         .append(&key, (1..=5).map(|n| ev(n, &n.to_string(), "x")).collect())
         .await
         .unwrap();
-    // The log goes (evicted, or expired before its meta, which cursor writes extend).
-    let mut conn = raw_connection(&url).await;
-    let _: i64 = redis::cmd("DEL")
-        .arg(store.redis_key(&key, "log"))
-        .query_async(&mut conn)
+    store
+        .set_cursor(&key, Some(&EventId::from_u64(4)))
         .await
         .unwrap();
+    // The log goes (evicted, or expired before its idx, which cursor writes extend).
+    let mut conn = raw_connection(&url).await;
+    let drop_log = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        let log = store.redis_key(&key, "log");
+        async move {
+            let gone: i64 = redis::cmd("DEL")
+                .arg(log)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(gone, 1);
+        }
+    };
+    drop_log(&mut conn).await;
     store
         .append(&key, (6..=8).map(|n| ev(n, &n.to_string(), "x")).collect())
         .await
@@ -253,26 +265,197 @@ async fn a_log_lost_without_its_meta_does_not_skew_byte_retention() {
         (6..=8).map(EventId::from_u64).collect::<Vec<_>>()
     );
     assert_eq!(store.last_seq(&key).await.unwrap(), 8);
+    // The lost entries' IDs are gone from the index (no resume "after" them
+    // into a log that does not hold what followed); the cursor stays.
+    assert_ne!(
+        store
+            .replay(&key, &EventId::from_u64(3), 10)
+            .await
+            .unwrap()
+            .outcome,
+        ResumeOutcome::Recovered
+    );
+    assert_eq!(
+        idx_len_and_bytes(&mut conn, &store, &key).await,
+        (3, raw_len * 3)
+    );
+    assert_eq!(
+        store.cursor(&key).await.unwrap(),
+        Some(EventId::from_u64(4))
+    );
+
+    // Lost again, and the next append has to trim (its read of the oldest
+    // entries finds none): counted from zero, the new events trimmed alone
+    // (four two-digit ones fit in five one-digit ones' bytes).
+    drop_log(&mut conn).await;
+    store
+        .append(&key, (9..=15).map(|n| ev(n, &n.to_string(), "x")).collect())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.recent_ids(&key, 10).await.unwrap(),
+        (12..=15).map(EventId::from_u64).collect::<Vec<_>>()
+    );
+    assert_eq!(store.last_seq(&key).await.unwrap(), 15);
+    assert_eq!(
+        idx_len_and_bytes(&mut conn, &store, &key).await,
+        (4, (raw_len + 1) * 4)
+    );
+    assert_eq!(
+        store.cursor(&key).await.unwrap(),
+        Some(EventId::from_u64(4))
+    );
 }
 
-/// HLEN of a stream's idx and its meta `bytes`, read from Redis itself.
+/// A cursor written before the stream's first event lives in the idx hash
+/// that the first append then fills: both stay, and the meta counts the log.
+#[tokio::test]
+async fn a_cursor_written_before_the_first_event_stays() {
+    let Some(url) = redis_url() else { return };
+    let store = open_store(&url, "cursor-first", Retention::default()).await;
+    let mut conn = raw_connection(&url).await;
+    let key = StreamKey::new("/c").unwrap();
+    store
+        .set_cursor(&key, Some(&EventId::new("before").unwrap()))
+        .await
+        .unwrap();
+    store
+        .append(&key, (1..=3).map(|n| ev(n, &n.to_string(), "x")).collect())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.cursor(&key).await.unwrap(),
+        Some(EventId::new("before").unwrap())
+    );
+    assert_eq!(store.last_seq(&key).await.unwrap(), 3);
+    let bytes: u64 = (1..=3)
+        .map(|n| ev(n, &n.to_string(), "x").raw.len() as u64)
+        .sum();
+    assert_eq!(idx_len_and_bytes(&mut conn, &store, &key).await, (3, bytes));
+    // Clearing the cursor leaves the rest alone.
+    store.set_cursor(&key, None).await.unwrap();
+    assert_eq!(store.cursor(&key).await.unwrap(), None);
+    assert_eq!(store.last_seq(&key).await.unwrap(), 3);
+    assert_eq!(idx_len_and_bytes(&mut conn, &store, &key).await, (3, bytes));
+}
+
+/// Event IDs reused at the cap, one or several events per append, and
+/// batches retried: after every append the index holds exactly the kept
+/// events' IDs, each pointing at its latest kept entry, and the meta's bytes,
+/// length and count of taken-over entries are the log's.
+#[tokio::test]
+async fn reused_ids_and_retried_batches_at_the_cap_keep_the_index_exact() {
+    let Some(url) = redis_url() else { return };
+    let cap = 5;
+    let store = open_store(
+        &url,
+        "reused",
+        Retention {
+            max_events: cap,
+            ..Retention::default()
+        },
+    )
+    .await;
+    let mut conn = raw_connection(&url).await;
+    let key = StreamKey::new("/reused").unwrap();
+    // IDs from a small set, in a fixed scrambled order; data of varying length.
+    let id_of = |n: u64| ["a", "b", "c", "d", "e", "f", "g"][((n * 5 + n / 3) % 7) as usize];
+    let event = |n: u64| ev(n, id_of(n), &"y".repeat((n % 4) as usize));
+    let mut seq = 0u64;
+    for round in 0..40u64 {
+        // 1, 2, 3 or 7 events (7: more than the cap in one append).
+        let count = [1, 2, 3, 7][(round % 4) as usize];
+        let batch: Vec<StoredEvent> = (seq + 1..=seq + count).map(event).collect();
+        seq += count;
+        store.append(&key, batch.clone()).await.unwrap();
+        if round % 5 == 0 {
+            // Retried: adds nothing.
+            store.append(&key, batch).await.unwrap();
+        }
+        let kept: Vec<u64> = (seq.saturating_sub(cap as u64) + 1..=seq).collect();
+        assert_eq!(
+            store.recent_ids(&key, 100).await.unwrap(),
+            kept.iter()
+                .map(|&n| EventId::new(id_of(n)).unwrap())
+                .collect::<Vec<_>>(),
+            "round {round}"
+        );
+        let bytes: u64 = kept.iter().map(|&n| event(n).raw.len() as u64).sum();
+        let distinct = {
+            let mut ids: Vec<&str> = kept.iter().map(|&n| id_of(n)).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.len() as u64
+        };
+        assert_eq!(
+            idx_len_and_bytes(&mut conn, &store, &key).await,
+            (distinct, bytes),
+            "round {round}"
+        );
+        let taken = kept.len() as u64 - distinct;
+        assert_eq!(
+            meta(&mut conn, &store, &key).await[4],
+            taken,
+            "round {round}"
+        );
+        for id in ["a", "b", "c", "d", "e", "f", "g"] {
+            let page = store
+                .replay(&key, &EventId::new(id).unwrap(), 100)
+                .await
+                .unwrap();
+            match kept.iter().rev().find(|&&n| id_of(n) == id) {
+                Some(&latest) => {
+                    assert_eq!(page.outcome, ResumeOutcome::Recovered, "{id} round {round}");
+                    assert_eq!(
+                        page.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+                        (latest + 1..=seq).collect::<Vec<_>>(),
+                        "{id} round {round}"
+                    );
+                }
+                None => assert_ne!(page.outcome, ResumeOutcome::Recovered, "{id} round {round}"),
+            }
+        }
+    }
+}
+
+/// A stream's meta (`last_seq bytes n ttl_at taken`, the `\0m` field of its idx), read from Redis itself.
+async fn meta(
+    conn: &mut redis::aio::MultiplexedConnection,
+    store: &RedisStore,
+    key: &StreamKey,
+) -> [u64; 5] {
+    let meta: String = redis::cmd("HGET")
+        .arg(store.redis_key(key, "idx"))
+        .arg("\0m")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let fields: Vec<u64> = meta.split(' ').map(|f| f.parse().unwrap()).collect();
+    fields.try_into().unwrap()
+}
+
+/// The event IDs in a stream's idx (its fields other than the NUL-named meta
+/// and cursor) and its meta `bytes`, read from Redis itself; checks that the
+/// meta's length is the log's.
 async fn idx_len_and_bytes(
     conn: &mut redis::aio::MultiplexedConnection,
     store: &RedisStore,
     key: &StreamKey,
 ) -> (u64, u64) {
-    let len: u64 = redis::cmd("HLEN")
+    let fields: Vec<Vec<u8>> = redis::cmd("HKEYS")
         .arg(store.redis_key(key, "idx"))
         .query_async(conn)
         .await
         .unwrap();
-    let bytes: u64 = redis::cmd("HGET")
-        .arg(store.redis_key(key, "meta"))
-        .arg("bytes")
+    let ids = fields.iter().filter(|f| f.first() != Some(&0)).count() as u64;
+    let [_, bytes, n, _, _] = meta(conn, store, key).await;
+    let len: u64 = redis::cmd("XLEN")
+        .arg(store.redis_key(key, "log"))
         .query_async(conn)
         .await
         .unwrap();
-    (len, bytes)
+    assert_eq!(n, len, "the meta's length is the log's");
+    (ids, bytes)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -462,7 +645,7 @@ async fn keys_get_their_ttl_also_when_the_log_is_recreated() {
     let key = StreamKey::new("/ttl").unwrap();
     let ttls = |conn: &mut redis::aio::MultiplexedConnection| {
         let mut pipe = redis::pipe();
-        for part in ["log", "idx", "meta"] {
+        for part in ["log", "idx"] {
             pipe.cmd("PTTL").arg(store.redis_key(&key, part));
         }
         let mut conn = conn.clone();
@@ -484,25 +667,25 @@ async fn keys_get_their_ttl_also_when_the_log_is_recreated() {
     store.append(&key, vec![ev(4, "4", "x")]).await.unwrap();
     let second = ttls(&mut conn).await;
     assert!(in_range(&second), "{second:?}");
-    // A meta without the log's length (written by an older version): counted again.
-    let _: i64 = redis::cmd("HDEL")
-        .arg(store.redis_key(&key, "meta"))
-        .arg("n")
+    // The idx goes (evicted) while the log stays: without its meta, the log
+    // starts over rather than being appended to with unknown length and bytes.
+    let _: i64 = redis::cmd("DEL")
+        .arg(store.redis_key(&key, "idx"))
         .query_async(&mut conn)
         .await
         .unwrap();
     store.append(&key, vec![ev(5, "5", "x")]).await.unwrap();
     assert_eq!(
         store.recent_ids(&key, 10).await.unwrap(),
-        (4..=5).map(EventId::from_u64).collect::<Vec<_>>()
+        [EventId::from_u64(5)]
     );
-    let n: u64 = redis::cmd("HGET")
-        .arg(store.redis_key(&key, "meta"))
-        .arg("n")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(n, 2);
+    assert_eq!(store.last_seq(&key).await.unwrap(), 5);
+    assert_eq!(
+        idx_len_and_bytes(&mut conn, &store, &key).await,
+        (1, ev(5, "5", "x").raw.len() as u64)
+    );
+    let third = ttls(&mut conn).await;
+    assert!(in_range(&third), "{third:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
