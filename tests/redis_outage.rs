@@ -429,9 +429,15 @@ async fn tiny_buffer_drops_the_oldest_writes_and_counts_them() {
         out.dropped
     );
     assert!(missing > 0, "a 2 s outage does not fit in 10 events");
-    assert_eq!(
-        out.dropped, missing,
-        "dropped_events counts exactly the events missing from Redis"
+    // Every missing event is counted. A pipeline Redis carried out just before
+    // it was killed, whose reply was lost, is kept for retry; dropped later, it
+    // is counted although stored: the count may exceed the missing events by
+    // that pipeline, which the 10-event buffer bounds.
+    assert!(
+        (missing..=missing + 10).contains(&out.dropped),
+        "dropped_events ({}) counts every event missing from Redis ({missing}), \
+         and at most one buffer more",
+        out.dropped
     );
     assert_eq!(out.last_seq, total, "the newest writes are kept");
     // What is kept is the oldest history (written before the outage) and the

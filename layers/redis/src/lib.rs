@@ -345,7 +345,11 @@ impl RedisStore {
 
     /// Events dropped because Redis stayed unreachable past the buffer: they
     /// are missing from the history. (Dropped cursor writes are not counted: a
-    /// later one for the same stream supersedes them.)
+    /// later one for the same stream supersedes them.) A write whose reply was
+    /// lost when the connection broke is kept for retry, since its outcome is
+    /// unknown; if it is dropped later it is counted even though Redis may have
+    /// applied it, so the count can exceed the events actually missing by one
+    /// pipeline, never fall short of them.
     pub fn dropped_events(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
     }
