@@ -16,6 +16,12 @@
 -- their IDs, the log being trimmed by the XADD itself (MINID). While `taken`
 -- is 0, each trimmed entry's ID points at it and is deleted unread.
 --
+-- Trimming walks the entries Redis has marked deleted at the head of the
+-- log (up to a node's worth), so a large log is trimmed in slices: once it
+-- passes a bound, it goes down to 1% below it (at most 100 events; for
+-- bounds of 1,000 events or 1 MiB and more), and the next appends trim
+-- nothing. A log never holds more than the bounds.
+--
 -- A log lost while its idx stays (evicted; expired while cursor writes kept
 -- the idx) is noticed (XADD NOMKSTREAM, or no oldest entries to read) and
 -- the stream starts from zero again, its stale IDs gone; an idx lost while
@@ -49,6 +55,10 @@ if ttl > 0 then
   now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 end
 local refresh_every = math.floor(ttl / 64)
+-- Where a trim leaves a log: 1% below the bounds, for large bounds.
+local low_events, low_bytes = max_events, max_bytes
+if max_events >= 1000 then low_events = max_events - math.min(100, math.floor(max_events / 100)) end
+if max_bytes >= 1048576 then low_bytes = max_bytes - math.floor(max_bytes / 100) end
 
 -- Reused per stream: new events' argument indexes; ID/seq pairs for idx;
 -- trimmed entries' IDs and sequence numbers; IDs to forget.
@@ -97,8 +107,11 @@ for s = 1, #KEYS, 2 do
     local ni, minid = 0, nil
     local kept, old = 1, n
     local from = '-'
-    while total > 1 and (total > max_events or sum > max_bytes) and old > 0 do
-      local want = math.min(math.max(total - max_events, 1), old, STEP)
+    -- Past a bound: trim to the low marks.
+    local cap_n, cap_b = max_events, max_bytes
+    if total > max_events or sum > max_bytes then cap_n, cap_b = low_events, low_bytes end
+    while total > 1 and (total > cap_n or sum > cap_b) and old > 0 do
+      local want = math.min(math.max(total - cap_n, 1), old, STEP)
       local oldest = redis.call('XRANGE', log, from, '+', 'COUNT', want)
       if #oldest == 0 then
         if minid then break end
@@ -107,7 +120,7 @@ for s = 1, #KEYS, 2 do
         total, sum, old, n, taken = nf, added, 0, 0, 0
       else
         for _, e in ipairs(oldest) do
-          if not (total > 1 and (total > max_events or sum > max_bytes)) then break end
+          if not (total > 1 and (total > cap_n or sum > cap_b)) then break end
           local f = e[2]
           local oid, oraw = nil, ''
           for j = 1, #f, 2 do
@@ -125,7 +138,7 @@ for s = 1, #KEYS, 2 do
         from = '(' .. oldest[#oldest][1]
       end
     end
-    while total > 1 and (total > max_events or sum > max_bytes) do
+    while total > 1 and (total > cap_n or sum > cap_b) do
       sum = sum - #ARGV[fresh[kept] + 2]
       total = total - 1
       kept = kept + 1

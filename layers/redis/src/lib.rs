@@ -56,7 +56,13 @@
 //!
 //! # Retention
 //!
-//! Count and bytes per stream are enforced on every append. Age: every key of a
+//! Count and bytes per stream are enforced on every append: a stream never
+//! holds more than `max_events` events or `max_bytes` bytes. Large bounds
+//! (1,000 events or 1 MiB and more) are enforced in slices: a stream that
+//! passes one is trimmed to 1% below it (at most 100 events below), so that the
+//! next appends trim nothing. Trimming one entry per append costs Redis a walk
+//! over the entries it has marked deleted at the head of the stream each time;
+//! in slices, that walk comes once per slice. Age: every key of a
 //! stream expires between `max_age × 63/64` and `max_age` after its last
 //! write (the TTL is refreshed once it has run down by 1/64; Redis deletes
 //! idle streams itself); `delete_expired` has nothing left to do and returns 0.

@@ -724,3 +724,65 @@ async fn appends_sent_without_waiting_stay_in_order_and_flush_answers_after_them
         );
     }
 }
+
+/// A large bound is enforced in slices: past it, the log goes down to 1%
+/// below it, never above it, and the index, bytes and length stay the log's.
+#[tokio::test]
+async fn large_bounds_trim_in_slices_never_above_the_bound() {
+    let Some(url) = redis_url() else { return };
+    let cap = 1_000u64;
+    let store = open_store(
+        &url,
+        "slices",
+        Retention {
+            max_events: cap as usize,
+            ..Retention::default()
+        },
+    )
+    .await;
+    let mut conn = raw_connection(&url).await;
+    let key = StreamKey::new("/slices").unwrap();
+    let event = |n: u64| ev(n, &format!("e-{n}"), &"z".repeat((n % 5) as usize));
+    // Up to the bound: nothing trimmed.
+    store
+        .append(&key, (1..=cap).map(event).collect())
+        .await
+        .unwrap();
+    let (mut kept_from, mut slices) = (1u64, 0);
+    for seq in cap + 1..=cap + 25 {
+        store.append(&key, vec![event(seq)]).await.unwrap();
+        if seq - kept_from + 1 > cap {
+            // Past the bound: trimmed to 1% below it (10 events).
+            kept_from = seq - (cap - 10) + 1;
+            slices += 1;
+        }
+        let kept: Vec<u64> = (kept_from..=seq).collect();
+        assert!(kept.len() as u64 <= cap);
+        let bytes: u64 = kept.iter().map(|&n| event(n).raw.len() as u64).sum();
+        assert_eq!(
+            idx_len_and_bytes(&mut conn, &store, &key).await,
+            (kept.len() as u64, bytes),
+            "after {seq}"
+        );
+        let page = store
+            .replay(
+                &key,
+                &EventId::new(format!("e-{kept_from}")).unwrap(),
+                2_000,
+            )
+            .await
+            .unwrap();
+        assert_eq!(page.outcome, ResumeOutcome::Recovered, "after {seq}");
+        assert_eq!(page.events.len(), kept.len() - 1, "after {seq}");
+        let gone = store
+            .replay(
+                &key,
+                &EventId::new(format!("e-{}", kept_from - 1)).unwrap(),
+                10,
+            )
+            .await
+            .unwrap();
+        assert_ne!(gone.outcome, ResumeOutcome::Recovered, "after {seq}");
+    }
+    assert_eq!(slices, 3, "25 appends past the bound: a slice every 11");
+}
