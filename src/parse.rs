@@ -17,8 +17,9 @@
 use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
 
-use crate::event::{DataRepr, Event, EventId};
+use crate::event::{DataRepr, Event, EventId, Raw};
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
@@ -134,6 +135,13 @@ pub struct Parser {
     pos: usize,
     /// Start of the current block in `chunk`, when it started in this chunk.
     block_start: usize,
+    /// `chunk[text_start..text_end]`, checked valid UTF-8 in one pass when the
+    /// chunk's first event was small; empty otherwise.
+    text: ByteString,
+    text_start: usize,
+    text_end: usize,
+    /// Whether the current chunk was considered for the one-pass check.
+    text_checked: bool,
     /// The current block's bytes when it spans chunks.
     pending: BytesMut,
     /// Start of the current incomplete line in `pending`.
@@ -164,6 +172,10 @@ impl Parser {
             chunk: Bytes::new(),
             pos: 0,
             block_start: 0,
+            text: ByteString::new(),
+            text_start: 0,
+            text_end: 0,
+            text_checked: false,
             pending: BytesMut::new(),
             line_start: 0,
             pending_hint: 0,
@@ -211,6 +223,7 @@ impl Parser {
         self.chunk = Bytes::new();
         self.pos = 0;
         self.block_start = 0;
+        self.clear_text();
         self.pending.clear();
         self.line_start = 0;
         self.skip_lf = false;
@@ -271,6 +284,16 @@ impl Parser {
         self.chunk = chunk;
         self.pos = 0;
         self.block_start = 0;
+        self.clear_text();
+    }
+
+    /// Forgets the checked text of the previous chunk (and so stops pinning it).
+    #[inline]
+    fn clear_text(&mut self) {
+        self.text = ByteString::new();
+        self.text_start = 0;
+        self.text_end = 0;
+        self.text_checked = false;
     }
 
     /// The next complete frame from the chunks fed so far.
@@ -325,7 +348,7 @@ impl Parser {
                 let raw = self.pending.split().freeze();
                 self.pending_hint = raw.len();
                 self.line_start = 0;
-                return Ok(Some(self.dispatch(raw)));
+                return Ok(Some(self.dispatch(Raw::Bytes(raw))));
             }
         }
     }
@@ -364,10 +387,56 @@ impl Parser {
             if dispatch {
                 self.pos = pos;
                 self.block_start = pos;
-                let raw = self.chunk.slice(base..pos);
+                let raw = self.chunk_raw(base, pos);
                 return Ok(Some(self.dispatch(raw)));
             }
         }
+    }
+
+    /// The bytes `chunk[start..end]` of an event: as text when they lie in the
+    /// part of the chunk checked valid UTF-8.
+    ///
+    /// The check runs at most once per chunk, from the first event that
+    /// completes in it to the chunk's end, and only when that event is small:
+    /// then one pass over the chunk costs less than a check per event (whose
+    /// fixed cost dominates short values). Chunks of large events keep the
+    /// per-event check, which is fast on long values.
+    #[inline(always)]
+    fn chunk_raw(&mut self, start: usize, end: usize) -> Raw {
+        if !self.text_checked {
+            self.check_text(start, end);
+        }
+        if start >= self.text_start && end <= self.text_end {
+            if let Some(text) = self
+                .text
+                .get(start - self.text_start..end - self.text_start)
+            {
+                return Raw::Text(self.text.slice_ref(text));
+            }
+        }
+        Raw::Bytes(self.chunk.slice(start..end))
+    }
+
+    /// Checks `chunk[start..]` for UTF-8 once, for an event `start..end`.
+    #[inline(never)]
+    fn check_text(&mut self, start: usize, end: usize) {
+        self.text_checked = true;
+        if end - start > TEXT_CHECK_MAX_EVENT {
+            return;
+        }
+        let text = match ByteString::try_from(self.chunk.slice(start..)) {
+            Ok(text) => text,
+            // Invalid bytes, or a character cut by the chunk's end: the part before.
+            Err(e) => {
+                match ByteString::try_from(self.chunk.slice(start..start + e.valid_up_to())) {
+                    Ok(text) => text,
+                    Err(_) => return,
+                }
+            }
+        };
+        self.text_start = start;
+        self.text_end = start + text.len();
+        self.text = text;
     }
 
     /// Moves the unfinished tail of the chunk into `pending`.
@@ -404,10 +473,11 @@ impl Parser {
         self.chunk = Bytes::new();
         self.pos = 0;
         self.block_start = 0;
+        self.clear_text();
         Ok(())
     }
 
-    fn dispatch(&mut self, raw: Bytes) -> Frame {
+    fn dispatch(&mut self, raw: Raw) -> Frame {
         let mut block = std::mem::take(&mut self.block);
         let raw = if std::mem::take(&mut self.bom_skipped) && raw.starts_with(BOM) {
             // The stream began with two BOMs: the second is part of the first line.
@@ -415,7 +485,7 @@ impl Parser {
             // a BOM that the client strips, changing that line's meaning; the skipped
             // BOM goes back in front (mid-stream the line means the same either way).
             block.shift(BOM.len() as u32);
-            Bytes::from([BOM, &raw[..]].concat())
+            Raw::Bytes(Bytes::from([BOM, &raw[..]].concat()))
         } else {
             raw
         };
@@ -427,7 +497,7 @@ impl Parser {
             } else if block.id_utf8 {
                 EventId::set_validated_part(
                     &mut self.last_id,
-                    &raw,
+                    raw.bytes(),
                     r.start as usize..r.end as usize,
                 );
             } else {
@@ -440,7 +510,7 @@ impl Parser {
             self.retry = Some(retry);
         }
         if block.data_lines == 0 {
-            return Frame::Other(raw);
+            return Frame::Other(raw.into_bytes());
         }
         let data = if block.data_lines == 1 {
             DataRepr::Single(block.first_data.unwrap_or(0..0))
@@ -476,6 +546,10 @@ fn terminator_end(rest: &[u8], i: usize, skip_lf: &mut bool) -> usize {
         }
     }
 }
+
+/// The largest event for which a chunk is checked for UTF-8 in one pass; see
+/// [`Parser::chunk_raw`].
+const TEXT_CHECK_MAX_EVENT: usize = 256;
 
 /// A field name the parser acts on.
 #[derive(Clone, Copy)]
@@ -678,5 +752,73 @@ pub(crate) fn for_each_line(mut bytes: &[u8], mut f: impl FnMut(&[u8])) {
             1
         };
         bytes = &bytes[i + skip..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(chunks: &[&[u8]]) -> Vec<Event> {
+        let mut p = Parser::new(Limits::default());
+        let mut out = Vec::new();
+        for chunk in chunks {
+            p.feed(Bytes::copy_from_slice(chunk));
+            while let Some(frame) = p.next_frame().unwrap() {
+                if let Frame::Event(ev) = frame {
+                    out.push(ev);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn small_events_of_a_valid_chunk_are_text() {
+        let evs = events(&[b"data: a\n\nevent: \xC3\xA9\ndata: \xE2\x82\xAC\n\n"]);
+        assert_eq!(evs.len(), 2);
+        assert!(evs.iter().all(|ev| matches!(ev.raw, Raw::Text(_))));
+        assert_eq!(evs[1].data(), "\u{20AC}");
+        assert_eq!(evs[1].event_type(), "\u{E9}");
+    }
+
+    #[test]
+    fn events_after_invalid_bytes_are_checked_one_by_one() {
+        let evs = events(&[b"data: a\n\ndata: b\xFF\n\ndata: c\n\n"]);
+        assert_eq!(evs.len(), 3);
+        assert!(matches!(evs[0].raw, Raw::Text(_)));
+        assert!(matches!(evs[1].raw, Raw::Bytes(_)));
+        assert!(matches!(evs[2].raw, Raw::Bytes(_)));
+        let data: Vec<_> = evs.iter().map(|ev| ev.data().into_owned()).collect();
+        assert_eq!(data, ["a", "b\u{FFFD}", "c"]);
+    }
+
+    #[test]
+    fn a_character_cut_by_the_chunk_end_is_not_text_in_either_chunk() {
+        let evs = events(&[b"data: a\n\ndata: \xE2\x82", b"\xAC\n\ndata: b\n\n"]);
+        assert_eq!(evs.len(), 3);
+        assert!(matches!(evs[0].raw, Raw::Text(_)));
+        assert!(matches!(evs[1].raw, Raw::Bytes(_)));
+        assert!(matches!(evs[2].raw, Raw::Text(_)));
+        let data: Vec<_> = evs.iter().map(|ev| ev.data().into_owned()).collect();
+        assert_eq!(data, ["a", "\u{20AC}", "b"]);
+    }
+
+    #[test]
+    fn a_chunk_whose_first_event_is_large_is_not_checked_whole() {
+        let big = format!("data: {}\n\ndata: b\n\n", "x".repeat(TEXT_CHECK_MAX_EVENT));
+        let evs = events(&[big.as_bytes()]);
+        assert_eq!(evs.len(), 2);
+        assert!(evs.iter().all(|ev| matches!(ev.raw, Raw::Bytes(_))));
+        assert_eq!(evs[1].data(), "b");
+    }
+
+    #[test]
+    fn kept_events_do_not_pin_the_checked_chunk() {
+        let evs = events(&[b"data: a\n\n"]);
+        let kept = evs[0].detached();
+        assert!(matches!(kept.raw, Raw::Text(_)));
+        assert_ne!(kept.raw().as_ptr(), evs[0].raw().as_ptr());
+        assert_eq!(kept.data(), "a");
     }
 }
