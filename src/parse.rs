@@ -692,35 +692,49 @@ const JOIN_STEP: usize = 8 * 1024;
 ///
 /// SSE lines are mostly short, and a `memchr2` call costs more than scanning a
 /// short line: the first 64 bytes are scanned inline, sixteen at a time in two
-/// `u64`s, and only a longer line calls `memchr2`.
+/// `u64`s, and only a longer line calls `memchr2`. Text rarely holds other
+/// control characters, so the first byte below 14 is taken as the line end
+/// once a compare confirms it is CR or LF; only a line holding such a byte
+/// (a tab, say) before its end is scanned for CR and LF exactly.
 #[inline(always)]
 fn find_eol(hay: &[u8]) -> Option<usize> {
     const INLINE: usize = 64;
     let mut at = 0;
     while let Some(block) = hay.get(at..).and_then(<[u8]>::first_chunk::<16>) {
         let (a, b) = block.split_at(8);
-        let a = u64::from_le_bytes(a.try_into().unwrap_or_default());
-        let b = u64::from_le_bytes(b.try_into().unwrap_or_default());
-        // Cheap filter: zero unless some byte is below 14, as LF (10) and CR (13) are.
-        if below14(a) | below14(b) != 0 {
-            let mask = eol_mask(a);
-            if mask != 0 {
-                return Some(at + (mask.trailing_zeros() / 8) as usize);
+        let a = below14(u64::from_le_bytes(a.try_into().unwrap_or_default()));
+        let b = below14(u64::from_le_bytes(b.try_into().unwrap_or_default()));
+        if a | b != 0 {
+            // The lowest flag is exact: the first byte below 14.
+            let k = if a != 0 {
+                (a.trailing_zeros() / 8) as usize
+            } else {
+                8 + (b.trailing_zeros() / 8) as usize
+            };
+            if matches!(block[k], b'\n' | b'\r') {
+                return Some(at + k);
             }
-            let mask = eol_mask(b);
-            if mask != 0 {
-                return Some(at + 8 + (mask.trailing_zeros() / 8) as usize);
-            }
+            return find_eol_exact(hay, at + k + 1);
         }
         at += 16;
         if at == INLINE {
             return memchr::memchr2(b'\n', b'\r', &hay[at..]).map(|i| at + i);
         }
     }
-    hay[at..]
-        .iter()
-        .position(|&b| b == b'\n' || b == b'\r')
-        .map(|i| at + i)
+    find_eol_exact(hay, at)
+}
+
+/// The index of the first CR or LF in `hay` at or after `from`.
+#[cold]
+#[inline(never)]
+fn find_eol_exact(hay: &[u8], from: usize) -> Option<usize> {
+    let rest = hay.get(from..)?;
+    let found = if rest.len() >= 16 {
+        memchr::memchr2(b'\n', b'\r', rest)
+    } else {
+        rest.iter().position(|&b| b == b'\n' || b == b'\r')
+    };
+    found.map(|i| from + i)
 }
 
 /// Flags (high bit) the bytes of `word` below 14; may flag more after the first.
@@ -729,17 +743,6 @@ fn below14(word: u64) -> u64 {
     const LO: u64 = 0x0101_0101_0101_0101;
     const HI: u64 = 0x8080_8080_8080_8080;
     word.wrapping_sub(LO * 14) & !word & HI
-}
-
-/// Flags the bytes of `word` (little-endian) that are CR or LF: the lowest flag
-/// marks the first one exactly (higher flags may be false).
-#[inline(always)]
-fn eol_mask(word: u64) -> u64 {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
-    let lf = word ^ (LO * u64::from(b'\n'));
-    let cr = word ^ (LO * u64::from(b'\r'));
-    (lf.wrapping_sub(LO) & !lf | cr.wrapping_sub(LO) & !cr) & HI
 }
 
 /// Calls `f` with each line of a complete block (terminators removed).
