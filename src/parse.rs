@@ -340,7 +340,7 @@ impl Parser {
                 &mut self.joined,
                 &self.pending[..line_end],
                 line_start,
-            )?;
+            )? == Line::Blank;
             self.pos = next_pos;
             self.block_start = next_pos;
             self.line_start = self.pending.len();
@@ -377,18 +377,30 @@ impl Parser {
             if next_pos - base > limits.max_event_len {
                 return Err(ParseError::EventTooLarge(limits.max_event_len));
             }
-            let dispatch = process_line(
+            let line = process_line(
                 &mut self.block,
                 &mut self.joined,
                 &chunk[base..pos + i],
                 pos - base,
             )?;
             pos = next_pos;
-            if dispatch {
-                self.pos = pos;
-                self.block_start = pos;
-                let raw = self.chunk_raw(base, pos);
-                return Ok(Some(self.dispatch(raw)));
+            match line {
+                Line::Blank => {
+                    self.pos = pos;
+                    self.block_start = pos;
+                    let raw = self.chunk_raw(base, pos);
+                    return Ok(Some(self.dispatch(raw)));
+                }
+                Line::Joined => {
+                    pos = join_data_run(
+                        &mut self.joined,
+                        &mut self.block.data_lines,
+                        chunk,
+                        base..pos,
+                        limits,
+                    );
+                }
+                Line::Other => {}
             }
         }
     }
@@ -551,6 +563,9 @@ fn terminator_end(rest: &[u8], i: usize, skip_lf: &mut bool) -> usize {
 /// [`Parser::chunk_raw`].
 const TEXT_CHECK_MAX_EVENT: usize = 256;
 
+/// The length of `data: `, the usual start of a data line.
+const DATA_PREFIX: usize = 6;
+
 /// A field name the parser acts on.
 #[derive(Clone, Copy)]
 enum Field {
@@ -607,21 +622,32 @@ pub(crate) fn split_field(line: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
+/// What a line was, as far as the caller acts on it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// A blank line: the block dispatches.
+    Blank,
+    /// A `data` line added to the join buffer (the block's second or later).
+    Joined,
+    /// Any other line.
+    Other,
+}
+
 /// Interprets the line that starts at `offset` in `bytes`, the block so far
-/// (terminator excluded); returns whether it dispatches (a blank line).
+/// (terminator excluded).
 #[inline(always)]
 fn process_line(
     block: &mut Block,
     joined: &mut BytesMut,
     bytes: &[u8],
     offset: usize,
-) -> Result<bool, ParseError> {
+) -> Result<Line, ParseError> {
     let line = &bytes[offset..];
     if line.is_empty() {
-        return Ok(true);
+        return Ok(Line::Blank);
     }
     if line[0] == b':' {
-        return Ok(false);
+        return Ok(Line::Other);
     }
     let (field, value) = classify(line);
     let vstart = offset + (value.as_ptr() as usize - line.as_ptr() as usize);
@@ -643,6 +669,8 @@ fn process_line(
                 }
                 joined.extend_from_slice(b"\n");
                 joined.extend_from_slice(value);
+                block.data_lines += 1;
+                return Ok(Line::Joined);
             }
             block.data_lines += 1;
         }
@@ -652,7 +680,7 @@ fn process_line(
             let plain = value.iter().all(|&b| b.wrapping_sub(1) < 0x7F);
             if !plain && value.contains(&0) {
                 // An ID containing NUL is ignored.
-                return Ok(false);
+                return Ok(Line::Other);
             }
             // Invalid UTF-8 decodes to U+FFFD, up to three times longer, and it is
             // the decoded ID that a client sends back in `Last-Event-ID`.
@@ -673,7 +701,38 @@ fn process_line(
         }
         _ => {}
     }
-    Ok(false)
+    Ok(Line::Other)
+}
+
+/// Joins the `data: ` lines ending in LF that follow a joined `data` line in
+/// `chunk` from `block.end` on (the bulk of a multi-line event), without the
+/// general line machinery; returns where the run ends. Any other line, and a
+/// line past a limit, is left to the general path.
+#[inline(never)]
+fn join_data_run(
+    joined: &mut BytesMut,
+    data_lines: &mut u32,
+    chunk: &[u8],
+    block: Range<usize>,
+    limits: Limits,
+) -> usize {
+    let mut pos = block.end;
+    while let Some(value) = chunk[pos..].strip_prefix(b"data: ") {
+        let Some(i) = find_eol(value) else { break };
+        let next_pos = pos + DATA_PREFIX + i + 1;
+        if value[i] != b'\n'
+            || DATA_PREFIX + i > limits.max_line_len
+            || next_pos - block.start > limits.max_event_len
+        {
+            break;
+        }
+        reserve_joined(joined, 1 + i);
+        joined.extend_from_slice(b"\n");
+        joined.extend_from_slice(&value[..i]);
+        *data_lines += 1;
+        pos = next_pos;
+    }
+    pos
 }
 
 /// Makes room for `additional` bytes in the join buffer, in steps of at least
