@@ -405,12 +405,22 @@ impl Event {
     }
 
     /// The event's data: its `data` lines joined with LF.
+    #[inline]
     pub fn data(&self) -> Cow<'_, str> {
+        // The common case, one line of checked text, is a borrow; inlined.
+        if let DataRepr::Single(r) = &self.data {
+            if let Some(text) = self.raw.text(r) {
+                return Cow::Borrowed(text);
+            }
+        }
+        self.data_slow()
+    }
+
+    /// [`Event::data`] for data not known to be text, or of several lines.
+    #[inline(never)]
+    fn data_slow(&self) -> Cow<'_, str> {
         match &self.data {
-            DataRepr::Single(r) => match self.raw.text(r) {
-                Some(text) => Cow::Borrowed(text),
-                None => utf8_lossy(&self.raw[r.start as usize..r.end as usize]),
-            },
+            DataRepr::Single(r) => utf8_lossy(&self.raw[r.start as usize..r.end as usize]),
             DataRepr::Joined(b, _) => utf8_lossy(b),
             DataRepr::Lines(n) => {
                 let mut out = Vec::with_capacity(self.raw.len());
