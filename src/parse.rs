@@ -364,6 +364,14 @@ impl Parser {
         let chunk: &[u8] = &self.chunk;
         loop {
             let rest = &chunk[pos..];
+            // The blank line that ends an event, without a scan.
+            if rest.first() == Some(&b'\n') && pos + 1 - base <= limits.max_event_len {
+                pos += 1;
+                self.pos = pos;
+                self.block_start = pos;
+                let raw = self.chunk_raw(base, pos);
+                return Ok(Some(self.dispatch(raw)));
+            }
             let Some(i) = find_eol(rest) else {
                 self.pos = pos;
                 self.stash_tail()?;
@@ -677,7 +685,7 @@ fn process_line(
         Field::Event => block.event_type = Some(range),
         Field::Id => {
             // Most IDs are short ASCII without NUL: one pass settles both checks.
-            let plain = value.iter().all(|&b| b.wrapping_sub(1) < 0x7F);
+            let plain = plain_ascii(bytes, vstart, vstart + value.len());
             if !plain && value.contains(&0) {
                 // An ID containing NUL is ignored.
                 return Ok(Line::Other);
@@ -733,6 +741,28 @@ fn join_data_run(
         pos = next_pos;
     }
     pos
+}
+
+/// Whether `bytes[start..end]` is ASCII without NUL. A value of up to eight
+/// bytes (counters, short IDs) is checked as one word, read from the eight
+/// bytes that end with it; a false alarm from the bytes before it only sends
+/// the value to the exact checks.
+#[inline(always)]
+fn plain_ascii(bytes: &[u8], start: usize, end: usize) -> bool {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let len = end - start;
+    if (1..=8).contains(&len) {
+        if let Some(window) = end.checked_sub(8).and_then(|s| bytes.get(s..end)) {
+            let w = u64::from_le_bytes(window.try_into().unwrap_or_default());
+            // The high bit of a byte at or above 0x80, or of a NUL (a borrow
+            // only starts at a NUL, so no NUL goes unflagged).
+            let bad = (w | (w.wrapping_sub(LO) & !w)) & HI;
+            // The value is the last `len` bytes of the window.
+            return bad & (u64::MAX << (8 * (8 - len))) == 0;
+        }
+    }
+    bytes[start..end].iter().all(|&b| b.wrapping_sub(1) < 0x7F)
 }
 
 /// Makes room for `additional` bytes in the join buffer, in steps of at least
@@ -873,6 +903,23 @@ mod tests {
         assert_eq!(evs.len(), 2);
         assert!(evs.iter().all(|ev| matches!(ev.raw, Raw::Bytes(_))));
         assert_eq!(evs[1].data(), "b");
+    }
+
+    #[test]
+    fn plain_ascii_flags_nul_and_non_ascii_in_any_place() {
+        for len in 0..=12 {
+            let mut bytes = b"\0\xFFid: ".to_vec();
+            let start = bytes.len();
+            bytes.extend(std::iter::repeat_n(b'7', len));
+            assert!(plain_ascii(&bytes, start, start + len), "{len}");
+            for at in 0..len {
+                for bad in [0, 0x80, 0xC3, 0xFF] {
+                    let mut b = bytes.clone();
+                    b[start + at] = bad;
+                    assert!(!plain_ascii(&b, start, start + len), "{len} {at} {bad}");
+                }
+            }
+        }
     }
 
     #[test]
