@@ -725,21 +725,30 @@ fn join_data_run(
     limits: Limits,
 ) -> usize {
     let mut pos = block.end;
+    // Within limits whatever the run holds: no checks per line.
+    let unchecked = chunk.len() - pos <= limits.max_line_len
+        && chunk.len() - block.start <= limits.max_event_len;
+    let mut n = *data_lines;
+    // Each value goes in with the LF that ends its line, in one copy; the
+    // buffer then ends with an LF, dropped after the run.
+    joined.extend_from_slice(b"\n");
     while let Some(value) = chunk[pos..].strip_prefix(b"data: ") {
         let Some(i) = find_eol(value) else { break };
         let next_pos = pos + DATA_PREFIX + i + 1;
         if value[i] != b'\n'
-            || DATA_PREFIX + i > limits.max_line_len
-            || next_pos - block.start > limits.max_event_len
+            || !(unchecked
+                || (DATA_PREFIX + i <= limits.max_line_len
+                    && next_pos - block.start <= limits.max_event_len))
         {
             break;
         }
-        reserve_joined(joined, 1 + i);
-        joined.extend_from_slice(b"\n");
-        joined.extend_from_slice(&value[..i]);
-        *data_lines += 1;
+        reserve_joined(joined, i + 1);
+        joined.extend_from_slice(&value[..=i]);
+        n += 1;
         pos = next_pos;
     }
+    joined.truncate(joined.len() - 1);
+    *data_lines = n;
     pos
 }
 
