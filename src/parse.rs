@@ -732,8 +732,16 @@ fn join_data_run(
     // Each value goes in with the LF that ends its line, in one copy; the
     // buffer then ends with an LF, dropped after the run.
     joined.extend_from_slice(b"\n");
+    let mut guess = usize::MAX;
     while let Some(value) = chunk[pos..].strip_prefix(b"data: ") {
-        let Some(i) = find_eol(value) else { break };
+        let i = match value.get(guess) {
+            Some(b'\n') if no_control(&value[..guess]) => guess,
+            _ => match find_eol(value) {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        guess = i;
         let next_pos = pos + DATA_PREFIX + i + 1;
         if value[i] != b'\n'
             || !(unchecked
@@ -750,6 +758,22 @@ fn join_data_run(
     joined.truncate(joined.len() - 1);
     *data_lines = n;
     pos
+}
+
+/// Whether `s` holds no byte below 14 (so no CR or LF), sixteen bytes at a time.
+#[inline(always)]
+fn no_control(s: &[u8]) -> bool {
+    let block = |b: &[u8; 16]| {
+        let (x, y) = b.split_at(8);
+        below14(u64::from_le_bytes(x.try_into().unwrap_or_default()))
+            | below14(u64::from_le_bytes(y.try_into().unwrap_or_default()))
+            == 0
+    };
+    if s.len() < 16 {
+        return s.iter().all(|&b| b >= 14);
+    }
+    let (blocks, _) = s.as_chunks::<16>();
+    blocks.iter().all(block) && s[s.len() - 16..].first_chunk().is_some_and(block)
 }
 
 /// Whether `bytes[start..end]` is ASCII without NUL. A value of up to eight
@@ -928,6 +952,42 @@ mod tests {
                     assert!(!plain_ascii(&b, start, start + len), "{len} {at} {bad}");
                 }
             }
+        }
+    }
+
+    /// Runs of data lines of one length, broken by a CR, a tab, a NUL, a
+    /// shorter or longer line or another field, parse as they do a byte at a time.
+    #[test]
+    fn data_runs_of_equal_lines_agree_with_a_byte_at_a_time() {
+        let inputs: [&[u8]; 7] = [
+            b"data: aaaa\ndata: bbbb\ndata: cccc\ndata: dddd\n\n",
+            b"data: aaaa\ndata: bbbb\ndata: cccc\ndata: d\rdd\ndata: eeee\n\n",
+            b"data: aaaa\ndata: bbbb\ndata: cccc\ndata: d\tdd\ndata: eeee\n\n",
+            b"data: aaaa\ndata: bbbb\ndata: cc\ndata: dddddd\ndata: e\n\n",
+            b"data: aaaa\ndata: bbbb\ndata: c\0cc\nid: 7\ndata: dddd\n\n",
+            b"data: 0123456789abcdefghij\ndata: 0123456789abcdefghij\ndata: 01234\n6789abcdefghij\ndata: 0123456789abcdefghij\n\n",
+            b"data: 0123456789abcdefghij\ndata: 0123456789abcdefghij\ndata: 0123456789abcdefghi\r\ndata: 0123456789abcdefghij\r\n\n",
+        ];
+        let seen = |evs: Vec<Event>| -> Vec<(String, Option<String>)> {
+            evs.iter()
+                .map(|ev| {
+                    (
+                        ev.data().into_owned(),
+                        ev.id().map(|id| id.as_str().to_owned()),
+                    )
+                })
+                .collect()
+        };
+        for input in inputs {
+            let whole = seen(events(&[input]));
+            let bytes: Vec<&[u8]> = input.chunks(1).collect();
+            assert_eq!(
+                whole,
+                seen(events(&bytes)),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+            assert!(!whole.is_empty());
         }
     }
 
