@@ -13,6 +13,8 @@
 //!
 //! Events keep the raw bytes they came in as slices of the input chunk (zero
 //! copy); only an event that spans chunks is copied, once, into one buffer.
+//! A chunk of small events is checked for UTF-8 once, and its events keep
+//! their bytes as text, so that reading their data needs no check of its own.
 
 use std::ops::Range;
 
