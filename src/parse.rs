@@ -499,6 +499,7 @@ impl Parser {
         Ok(())
     }
 
+    #[inline(always)]
     fn dispatch(&mut self, raw: Raw) -> Frame {
         let mut block = std::mem::take(&mut self.block);
         let raw = if std::mem::take(&mut self.bom_skipped) && raw.starts_with(BOM) {
