@@ -343,13 +343,6 @@ impl std::ops::Deref for Raw {
     }
 }
 
-impl From<Bytes> for Raw {
-    #[inline]
-    fn from(b: Bytes) -> Self {
-        Raw::Bytes(b)
-    }
-}
-
 /// A dispatched Server-Sent Event.
 ///
 /// An event keeps the raw bytes it was parsed from, so a pass-through stack
