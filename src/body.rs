@@ -807,7 +807,7 @@ impl Pipeline {
                     if self.conn.is_some() {
                         out.cursor = Some(event.last_event_id);
                     }
-                    out.push(event.raw);
+                    out.push(event.raw.into_bytes());
                 }
             }
         }

@@ -5,6 +5,7 @@ use std::fmt;
 use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use bytestring::ByteString;
 
 use crate::parse::{self, split_field, Frame, Limits, Parser};
 
@@ -293,6 +294,66 @@ pub(crate) enum DataRepr {
     Lines(u32),
 }
 
+/// An event's wire bytes.
+///
+/// The parser checks UTF-8 once over a chunk of many small events rather than
+/// once per event; an event inside the checked part keeps its bytes as text, so
+/// that reading its data or type takes no second check (and no `unsafe`).
+#[derive(Clone)]
+pub(crate) enum Raw {
+    /// Bytes of unknown encoding.
+    Bytes(Bytes),
+    /// Bytes known to be valid UTF-8.
+    Text(ByteString),
+}
+
+impl Raw {
+    /// The bytes, whatever their kind.
+    #[inline]
+    pub(crate) fn bytes(&self) -> &Bytes {
+        match self {
+            Raw::Bytes(b) => b,
+            Raw::Text(t) => t.as_bytes(),
+        }
+    }
+
+    /// The bytes as one handle.
+    #[inline]
+    pub(crate) fn into_bytes(self) -> Bytes {
+        match self {
+            Raw::Bytes(b) => b,
+            Raw::Text(t) => t.into_bytes(),
+        }
+    }
+
+    /// `self[r]` as text, when the bytes are known valid UTF-8 (the range of a
+    /// field value always falls on character boundaries then).
+    #[inline]
+    fn text(&self, r: &Range<u32>) -> Option<&str> {
+        match self {
+            Raw::Text(t) => t.get(r.start as usize..r.end as usize),
+            Raw::Bytes(_) => None,
+        }
+    }
+
+    /// An owned copy, which pins nothing it was sliced from.
+    fn copied(&self) -> Raw {
+        match self {
+            Raw::Bytes(b) => Raw::Bytes(Bytes::copy_from_slice(b)),
+            Raw::Text(t) => Raw::Text(ByteString::from(&**t)),
+        }
+    }
+}
+
+impl std::ops::Deref for Raw {
+    type Target = Bytes;
+
+    #[inline]
+    fn deref(&self) -> &Bytes {
+        self.bytes()
+    }
+}
+
 /// A dispatched Server-Sent Event.
 ///
 /// An event keeps the raw bytes it was parsed from, so a pass-through stack
@@ -300,7 +361,7 @@ pub(crate) enum DataRepr {
 /// Whatever keeps an event past its delivery should call [`Event::detached`].
 #[derive(Clone)]
 pub struct Event {
-    pub(crate) raw: Bytes,
+    pub(crate) raw: Raw,
     pub(crate) last_event_id: Option<EventId>,
     pub(crate) has_id_field: bool,
     pub(crate) event_type: Option<Range<u32>>,
@@ -344,11 +405,24 @@ impl Event {
 
     /// The exact bytes sent to the client for this event, ending with its blank line.
     pub fn raw(&self) -> &Bytes {
-        &self.raw
+        self.raw.bytes()
     }
 
     /// The event's data: its `data` lines joined with LF.
+    #[inline]
     pub fn data(&self) -> Cow<'_, str> {
+        // The common case, one line of checked text, is a borrow; inlined.
+        if let DataRepr::Single(r) = &self.data {
+            if let Some(text) = self.raw.text(r) {
+                return Cow::Borrowed(text);
+            }
+        }
+        self.data_slow()
+    }
+
+    /// [`Event::data`] for data not known to be text, or of several lines.
+    #[inline(never)]
+    fn data_slow(&self) -> Cow<'_, str> {
         match &self.data {
             DataRepr::Single(r) => utf8_lossy(&self.raw[r.start as usize..r.end as usize]),
             DataRepr::Joined(b, _) => utf8_lossy(b),
@@ -399,9 +473,10 @@ impl Event {
     /// The event type; `message` when the stream named none.
     pub fn event_type(&self) -> Cow<'_, str> {
         match &self.event_type {
-            Some(r) if r.start < r.end => {
-                String::from_utf8_lossy(&self.raw[r.start as usize..r.end as usize])
-            }
+            Some(r) if r.start < r.end => match self.raw.text(r) {
+                Some(text) => Cow::Borrowed(text),
+                None => String::from_utf8_lossy(&self.raw[r.start as usize..r.end as usize]),
+            },
             _ => Cow::Borrowed("message"),
         }
     }
@@ -446,7 +521,7 @@ impl Event {
             other => other.clone(),
         };
         Event {
-            raw: Bytes::copy_from_slice(&self.raw),
+            raw: self.raw.copied(),
             last_event_id: self.last_event_id.as_ref().map(EventId::detached),
             data,
             ..self.clone()
@@ -515,7 +590,7 @@ impl fmt::Debug for Event {
 
 impl PartialEq for Event {
     fn eq(&self, other: &Self) -> bool {
-        self.raw == other.raw && self.last_event_id == other.last_event_id
+        *self.raw == *other.raw && self.last_event_id == other.last_event_id
     }
 }
 

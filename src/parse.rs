@@ -13,12 +13,15 @@
 //!
 //! Events keep the raw bytes they came in as slices of the input chunk (zero
 //! copy); only an event that spans chunks is copied, once, into one buffer.
+//! A chunk of small events is checked for UTF-8 once, and its events keep
+//! their bytes as text, so that reading their data needs no check of its own.
 
 use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
 
-use crate::event::{DataRepr, Event, EventId};
+use crate::event::{DataRepr, Event, EventId, Raw};
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
@@ -134,6 +137,13 @@ pub struct Parser {
     pos: usize,
     /// Start of the current block in `chunk`, when it started in this chunk.
     block_start: usize,
+    /// `chunk[text_start..text_end]`, checked valid UTF-8 in one pass when the
+    /// chunk's first event was small; empty otherwise.
+    text: ByteString,
+    text_start: usize,
+    text_end: usize,
+    /// Whether the current chunk was considered for the one-pass check.
+    text_checked: bool,
     /// The current block's bytes when it spans chunks.
     pending: BytesMut,
     /// Start of the current incomplete line in `pending`.
@@ -164,6 +174,10 @@ impl Parser {
             chunk: Bytes::new(),
             pos: 0,
             block_start: 0,
+            text: ByteString::new(),
+            text_start: 0,
+            text_end: 0,
+            text_checked: false,
             pending: BytesMut::new(),
             line_start: 0,
             pending_hint: 0,
@@ -211,6 +225,7 @@ impl Parser {
         self.chunk = Bytes::new();
         self.pos = 0;
         self.block_start = 0;
+        self.clear_text();
         self.pending.clear();
         self.line_start = 0;
         self.skip_lf = false;
@@ -271,6 +286,16 @@ impl Parser {
         self.chunk = chunk;
         self.pos = 0;
         self.block_start = 0;
+        self.clear_text();
+    }
+
+    /// Forgets the checked text of the previous chunk (and so stops pinning it).
+    #[inline]
+    fn clear_text(&mut self) {
+        self.text = ByteString::new();
+        self.text_start = 0;
+        self.text_end = 0;
+        self.text_checked = false;
     }
 
     /// The next complete frame from the chunks fed so far.
@@ -317,7 +342,7 @@ impl Parser {
                 &mut self.joined,
                 &self.pending[..line_end],
                 line_start,
-            )?;
+            )? == Line::Blank;
             self.pos = next_pos;
             self.block_start = next_pos;
             self.line_start = self.pending.len();
@@ -325,7 +350,7 @@ impl Parser {
                 let raw = self.pending.split().freeze();
                 self.pending_hint = raw.len();
                 self.line_start = 0;
-                return Ok(Some(self.dispatch(raw)));
+                return Ok(Some(self.dispatch(Raw::Bytes(raw))));
             }
         }
     }
@@ -341,6 +366,14 @@ impl Parser {
         let chunk: &[u8] = &self.chunk;
         loop {
             let rest = &chunk[pos..];
+            // The blank line that ends an event, without a scan.
+            if rest.first() == Some(&b'\n') && pos + 1 - base <= limits.max_event_len {
+                pos += 1;
+                self.pos = pos;
+                self.block_start = pos;
+                let raw = self.chunk_raw(base, pos);
+                return Ok(Some(self.dispatch(raw)));
+            }
             let Some(i) = find_eol(rest) else {
                 self.pos = pos;
                 self.stash_tail()?;
@@ -354,20 +387,78 @@ impl Parser {
             if next_pos - base > limits.max_event_len {
                 return Err(ParseError::EventTooLarge(limits.max_event_len));
             }
-            let dispatch = process_line(
+            let line = process_line(
                 &mut self.block,
                 &mut self.joined,
                 &chunk[base..pos + i],
                 pos - base,
             )?;
             pos = next_pos;
-            if dispatch {
-                self.pos = pos;
-                self.block_start = pos;
-                let raw = self.chunk.slice(base..pos);
-                return Ok(Some(self.dispatch(raw)));
+            match line {
+                Line::Blank => {
+                    self.pos = pos;
+                    self.block_start = pos;
+                    let raw = self.chunk_raw(base, pos);
+                    return Ok(Some(self.dispatch(raw)));
+                }
+                Line::Joined => {
+                    pos = join_data_run(
+                        &mut self.joined,
+                        &mut self.block.data_lines,
+                        chunk,
+                        base..pos,
+                        limits,
+                    );
+                }
+                Line::Other => {}
             }
         }
+    }
+
+    /// The bytes `chunk[start..end]` of an event: as text when they lie in the
+    /// part of the chunk checked valid UTF-8.
+    ///
+    /// The check runs at most once per chunk, from the first event that
+    /// completes in it to the chunk's end, and only when that event is small:
+    /// then one pass over the chunk costs less than a check per event (whose
+    /// fixed cost dominates short values). Chunks of large events keep the
+    /// per-event check, which is fast on long values.
+    #[inline(always)]
+    fn chunk_raw(&mut self, start: usize, end: usize) -> Raw {
+        if !self.text_checked {
+            self.check_text(start, end);
+        }
+        if start >= self.text_start && end <= self.text_end {
+            if let Some(text) = self
+                .text
+                .get(start - self.text_start..end - self.text_start)
+            {
+                return Raw::Text(self.text.slice_ref(text));
+            }
+        }
+        Raw::Bytes(self.chunk.slice(start..end))
+    }
+
+    /// Checks `chunk[start..]` for UTF-8 once, for an event `start..end`.
+    #[inline(never)]
+    fn check_text(&mut self, start: usize, end: usize) {
+        self.text_checked = true;
+        if end - start > TEXT_CHECK_MAX_EVENT {
+            return;
+        }
+        let text = match ByteString::try_from(self.chunk.slice(start..)) {
+            Ok(text) => text,
+            // Invalid bytes, or a character cut by the chunk's end: the part before.
+            Err(e) => {
+                match ByteString::try_from(self.chunk.slice(start..start + e.valid_up_to())) {
+                    Ok(text) => text,
+                    Err(_) => return,
+                }
+            }
+        };
+        self.text_start = start;
+        self.text_end = start + text.len();
+        self.text = text;
     }
 
     /// Moves the unfinished tail of the chunk into `pending`.
@@ -404,10 +495,12 @@ impl Parser {
         self.chunk = Bytes::new();
         self.pos = 0;
         self.block_start = 0;
+        self.clear_text();
         Ok(())
     }
 
-    fn dispatch(&mut self, raw: Bytes) -> Frame {
+    #[inline(always)]
+    fn dispatch(&mut self, raw: Raw) -> Frame {
         let mut block = std::mem::take(&mut self.block);
         let raw = if std::mem::take(&mut self.bom_skipped) && raw.starts_with(BOM) {
             // The stream began with two BOMs: the second is part of the first line.
@@ -415,7 +508,7 @@ impl Parser {
             // a BOM that the client strips, changing that line's meaning; the skipped
             // BOM goes back in front (mid-stream the line means the same either way).
             block.shift(BOM.len() as u32);
-            Bytes::from([BOM, &raw[..]].concat())
+            Raw::Bytes(Bytes::from([BOM, &raw[..]].concat()))
         } else {
             raw
         };
@@ -427,7 +520,7 @@ impl Parser {
             } else if block.id_utf8 {
                 EventId::set_validated_part(
                     &mut self.last_id,
-                    &raw,
+                    raw.bytes(),
                     r.start as usize..r.end as usize,
                 );
             } else {
@@ -440,7 +533,7 @@ impl Parser {
             self.retry = Some(retry);
         }
         if block.data_lines == 0 {
-            return Frame::Other(raw);
+            return Frame::Other(raw.into_bytes());
         }
         let data = if block.data_lines == 1 {
             DataRepr::Single(block.first_data.unwrap_or(0..0))
@@ -476,6 +569,13 @@ fn terminator_end(rest: &[u8], i: usize, skip_lf: &mut bool) -> usize {
         }
     }
 }
+
+/// The largest event for which a chunk is checked for UTF-8 in one pass; see
+/// [`Parser::chunk_raw`].
+const TEXT_CHECK_MAX_EVENT: usize = 256;
+
+/// The length of `data: `, the usual start of a data line.
+const DATA_PREFIX: usize = 6;
 
 /// A field name the parser acts on.
 #[derive(Clone, Copy)]
@@ -533,21 +633,32 @@ pub(crate) fn split_field(line: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
+/// What a line was, as far as the caller acts on it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// A blank line: the block dispatches.
+    Blank,
+    /// A `data` line added to the join buffer (the block's second or later).
+    Joined,
+    /// Any other line.
+    Other,
+}
+
 /// Interprets the line that starts at `offset` in `bytes`, the block so far
-/// (terminator excluded); returns whether it dispatches (a blank line).
+/// (terminator excluded).
 #[inline(always)]
 fn process_line(
     block: &mut Block,
     joined: &mut BytesMut,
     bytes: &[u8],
     offset: usize,
-) -> Result<bool, ParseError> {
+) -> Result<Line, ParseError> {
     let line = &bytes[offset..];
     if line.is_empty() {
-        return Ok(true);
+        return Ok(Line::Blank);
     }
     if line[0] == b':' {
-        return Ok(false);
+        return Ok(Line::Other);
     }
     let (field, value) = classify(line);
     let vstart = offset + (value.as_ptr() as usize - line.as_ptr() as usize);
@@ -569,16 +680,18 @@ fn process_line(
                 }
                 joined.extend_from_slice(b"\n");
                 joined.extend_from_slice(value);
+                block.data_lines += 1;
+                return Ok(Line::Joined);
             }
             block.data_lines += 1;
         }
         Field::Event => block.event_type = Some(range),
         Field::Id => {
             // Most IDs are short ASCII without NUL: one pass settles both checks.
-            let plain = value.iter().all(|&b| b.wrapping_sub(1) < 0x7F);
+            let plain = plain_ascii(bytes, vstart, vstart + value.len());
             if !plain && value.contains(&0) {
                 // An ID containing NUL is ignored.
-                return Ok(false);
+                return Ok(Line::Other);
             }
             // Invalid UTF-8 decodes to U+FFFD, up to three times longer, and it is
             // the decoded ID that a client sends back in `Last-Event-ID`.
@@ -599,7 +712,93 @@ fn process_line(
         }
         _ => {}
     }
-    Ok(false)
+    Ok(Line::Other)
+}
+
+/// Joins the `data: ` lines ending in LF that follow a joined `data` line in
+/// `chunk` from `block.end` on (the bulk of a multi-line event), without the
+/// general line machinery; returns where the run ends. Any other line, and a
+/// line past a limit, is left to the general path.
+#[inline(never)]
+fn join_data_run(
+    joined: &mut BytesMut,
+    data_lines: &mut u32,
+    chunk: &[u8],
+    block: Range<usize>,
+    limits: Limits,
+) -> usize {
+    let mut pos = block.end;
+    // Within limits whatever the run holds: no checks per line.
+    let unchecked = chunk.len() - pos <= limits.max_line_len
+        && chunk.len() - block.start <= limits.max_event_len;
+    let mut n = *data_lines;
+    // Each value goes in with the LF that ends its line, in one copy; the
+    // buffer then ends with an LF, dropped after the run.
+    joined.extend_from_slice(b"\n");
+    let mut guess = usize::MAX;
+    while let Some(value) = chunk[pos..].strip_prefix(b"data: ") {
+        let i = match value.get(guess) {
+            Some(b'\n') if no_control(&value[..guess]) => guess,
+            _ => match find_eol(value) {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        guess = i;
+        let next_pos = pos + DATA_PREFIX + i + 1;
+        if value[i] != b'\n'
+            || !(unchecked
+                || (DATA_PREFIX + i <= limits.max_line_len
+                    && next_pos - block.start <= limits.max_event_len))
+        {
+            break;
+        }
+        reserve_joined(joined, i + 1);
+        joined.extend_from_slice(&value[..=i]);
+        n += 1;
+        pos = next_pos;
+    }
+    joined.truncate(joined.len() - 1);
+    *data_lines = n;
+    pos
+}
+
+/// Whether `s` holds no byte below 14 (so no CR or LF), sixteen bytes at a time.
+#[inline(always)]
+fn no_control(s: &[u8]) -> bool {
+    let block = |b: &[u8; 16]| {
+        let (x, y) = b.split_at(8);
+        below14(u64::from_le_bytes(x.try_into().unwrap_or_default()))
+            | below14(u64::from_le_bytes(y.try_into().unwrap_or_default()))
+            == 0
+    };
+    if s.len() < 16 {
+        return s.iter().all(|&b| b >= 14);
+    }
+    let (blocks, _) = s.as_chunks::<16>();
+    blocks.iter().all(block) && s[s.len() - 16..].first_chunk().is_some_and(block)
+}
+
+/// Whether `bytes[start..end]` is ASCII without NUL. A value of up to eight
+/// bytes (counters, short IDs) is checked as one word, read from the eight
+/// bytes that end with it; a false alarm from the bytes before it only sends
+/// the value to the exact checks.
+#[inline(always)]
+fn plain_ascii(bytes: &[u8], start: usize, end: usize) -> bool {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let len = end - start;
+    if (1..=8).contains(&len) {
+        if let Some(window) = end.checked_sub(8).and_then(|s| bytes.get(s..end)) {
+            let w = u64::from_le_bytes(window.try_into().unwrap_or_default());
+            // The high bit of a byte at or above 0x80, or of a NUL (a borrow
+            // only starts at a NUL, so no NUL goes unflagged).
+            let bad = (w | (w.wrapping_sub(LO) & !w)) & HI;
+            // The value is the last `len` bytes of the window.
+            return bad & (u64::MAX << (8 * (8 - len))) == 0;
+        }
+    }
+    bytes[start..end].iter().all(|&b| b.wrapping_sub(1) < 0x7F)
 }
 
 /// Makes room for `additional` bytes in the join buffer, in steps of at least
@@ -618,35 +817,49 @@ const JOIN_STEP: usize = 8 * 1024;
 ///
 /// SSE lines are mostly short, and a `memchr2` call costs more than scanning a
 /// short line: the first 64 bytes are scanned inline, sixteen at a time in two
-/// `u64`s, and only a longer line calls `memchr2`.
+/// `u64`s, and only a longer line calls `memchr2`. Text rarely holds other
+/// control characters, so the first byte below 14 is taken as the line end
+/// once a compare confirms it is CR or LF; only a line holding such a byte
+/// (a tab, say) before its end is scanned for CR and LF exactly.
 #[inline(always)]
 fn find_eol(hay: &[u8]) -> Option<usize> {
     const INLINE: usize = 64;
     let mut at = 0;
     while let Some(block) = hay.get(at..).and_then(<[u8]>::first_chunk::<16>) {
         let (a, b) = block.split_at(8);
-        let a = u64::from_le_bytes(a.try_into().unwrap_or_default());
-        let b = u64::from_le_bytes(b.try_into().unwrap_or_default());
-        // Cheap filter: zero unless some byte is below 14, as LF (10) and CR (13) are.
-        if below14(a) | below14(b) != 0 {
-            let mask = eol_mask(a);
-            if mask != 0 {
-                return Some(at + (mask.trailing_zeros() / 8) as usize);
+        let a = below14(u64::from_le_bytes(a.try_into().unwrap_or_default()));
+        let b = below14(u64::from_le_bytes(b.try_into().unwrap_or_default()));
+        if a | b != 0 {
+            // The lowest flag is exact: the first byte below 14.
+            let k = if a != 0 {
+                (a.trailing_zeros() / 8) as usize
+            } else {
+                8 + (b.trailing_zeros() / 8) as usize
+            };
+            if matches!(block[k], b'\n' | b'\r') {
+                return Some(at + k);
             }
-            let mask = eol_mask(b);
-            if mask != 0 {
-                return Some(at + 8 + (mask.trailing_zeros() / 8) as usize);
-            }
+            return find_eol_exact(hay, at + k + 1);
         }
         at += 16;
         if at == INLINE {
             return memchr::memchr2(b'\n', b'\r', &hay[at..]).map(|i| at + i);
         }
     }
-    hay[at..]
-        .iter()
-        .position(|&b| b == b'\n' || b == b'\r')
-        .map(|i| at + i)
+    find_eol_exact(hay, at)
+}
+
+/// The index of the first CR or LF in `hay` at or after `from`.
+#[cold]
+#[inline(never)]
+fn find_eol_exact(hay: &[u8], from: usize) -> Option<usize> {
+    let rest = hay.get(from..)?;
+    let found = if rest.len() >= 16 {
+        memchr::memchr2(b'\n', b'\r', rest)
+    } else {
+        rest.iter().position(|&b| b == b'\n' || b == b'\r')
+    };
+    found.map(|i| from + i)
 }
 
 /// Flags (high bit) the bytes of `word` below 14; may flag more after the first.
@@ -655,17 +868,6 @@ fn below14(word: u64) -> u64 {
     const LO: u64 = 0x0101_0101_0101_0101;
     const HI: u64 = 0x8080_8080_8080_8080;
     word.wrapping_sub(LO * 14) & !word & HI
-}
-
-/// Flags the bytes of `word` (little-endian) that are CR or LF: the lowest flag
-/// marks the first one exactly (higher flags may be false).
-#[inline(always)]
-fn eol_mask(word: u64) -> u64 {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
-    let lf = word ^ (LO * u64::from(b'\n'));
-    let cr = word ^ (LO * u64::from(b'\r'));
-    (lf.wrapping_sub(LO) & !lf | cr.wrapping_sub(LO) & !cr) & HI
 }
 
 /// Calls `f` with each line of a complete block (terminators removed).
@@ -678,5 +880,126 @@ pub(crate) fn for_each_line(mut bytes: &[u8], mut f: impl FnMut(&[u8])) {
             1
         };
         bytes = &bytes[i + skip..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(chunks: &[&[u8]]) -> Vec<Event> {
+        let mut p = Parser::new(Limits::default());
+        let mut out = Vec::new();
+        for chunk in chunks {
+            p.feed(Bytes::copy_from_slice(chunk));
+            while let Some(frame) = p.next_frame().unwrap() {
+                if let Frame::Event(ev) = frame {
+                    out.push(ev);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn small_events_of_a_valid_chunk_are_text() {
+        let evs = events(&[b"data: a\n\nevent: \xC3\xA9\ndata: \xE2\x82\xAC\n\n"]);
+        assert_eq!(evs.len(), 2);
+        assert!(evs.iter().all(|ev| matches!(ev.raw, Raw::Text(_))));
+        assert_eq!(evs[1].data(), "\u{20AC}");
+        assert_eq!(evs[1].event_type(), "\u{E9}");
+    }
+
+    #[test]
+    fn events_after_invalid_bytes_are_checked_one_by_one() {
+        let evs = events(&[b"data: a\n\ndata: b\xFF\n\ndata: c\n\n"]);
+        assert_eq!(evs.len(), 3);
+        assert!(matches!(evs[0].raw, Raw::Text(_)));
+        assert!(matches!(evs[1].raw, Raw::Bytes(_)));
+        assert!(matches!(evs[2].raw, Raw::Bytes(_)));
+        let data: Vec<_> = evs.iter().map(|ev| ev.data().into_owned()).collect();
+        assert_eq!(data, ["a", "b\u{FFFD}", "c"]);
+    }
+
+    #[test]
+    fn a_character_cut_by_the_chunk_end_is_not_text_in_either_chunk() {
+        let evs = events(&[b"data: a\n\ndata: \xE2\x82", b"\xAC\n\ndata: b\n\n"]);
+        assert_eq!(evs.len(), 3);
+        assert!(matches!(evs[0].raw, Raw::Text(_)));
+        assert!(matches!(evs[1].raw, Raw::Bytes(_)));
+        assert!(matches!(evs[2].raw, Raw::Text(_)));
+        let data: Vec<_> = evs.iter().map(|ev| ev.data().into_owned()).collect();
+        assert_eq!(data, ["a", "\u{20AC}", "b"]);
+    }
+
+    #[test]
+    fn a_chunk_whose_first_event_is_large_is_not_checked_whole() {
+        let big = format!("data: {}\n\ndata: b\n\n", "x".repeat(TEXT_CHECK_MAX_EVENT));
+        let evs = events(&[big.as_bytes()]);
+        assert_eq!(evs.len(), 2);
+        assert!(evs.iter().all(|ev| matches!(ev.raw, Raw::Bytes(_))));
+        assert_eq!(evs[1].data(), "b");
+    }
+
+    #[test]
+    fn plain_ascii_flags_nul_and_non_ascii_in_any_place() {
+        for len in 0..=12 {
+            let mut bytes = b"\0\xFFid: ".to_vec();
+            let start = bytes.len();
+            bytes.extend(std::iter::repeat_n(b'7', len));
+            assert!(plain_ascii(&bytes, start, start + len), "{len}");
+            for at in 0..len {
+                for bad in [0, 0x80, 0xC3, 0xFF] {
+                    let mut b = bytes.clone();
+                    b[start + at] = bad;
+                    assert!(!plain_ascii(&b, start, start + len), "{len} {at} {bad}");
+                }
+            }
+        }
+    }
+
+    /// Runs of data lines of one length, broken by a CR, a tab, a NUL, a
+    /// shorter or longer line or another field, parse as they do a byte at a time.
+    #[test]
+    fn data_runs_of_equal_lines_agree_with_a_byte_at_a_time() {
+        let inputs: [&[u8]; 7] = [
+            b"data: aaaa\ndata: bbbb\ndata: cccc\ndata: dddd\n\n",
+            b"data: aaaa\ndata: bbbb\ndata: cccc\ndata: d\rdd\ndata: eeee\n\n",
+            b"data: aaaa\ndata: bbbb\ndata: cccc\ndata: d\tdd\ndata: eeee\n\n",
+            b"data: aaaa\ndata: bbbb\ndata: cc\ndata: dddddd\ndata: e\n\n",
+            b"data: aaaa\ndata: bbbb\ndata: c\0cc\nid: 7\ndata: dddd\n\n",
+            b"data: 0123456789abcdefghij\ndata: 0123456789abcdefghij\ndata: 01234\n6789abcdefghij\ndata: 0123456789abcdefghij\n\n",
+            b"data: 0123456789abcdefghij\ndata: 0123456789abcdefghij\ndata: 0123456789abcdefghi\r\ndata: 0123456789abcdefghij\r\n\n",
+        ];
+        let seen = |evs: Vec<Event>| -> Vec<(String, Option<String>)> {
+            evs.iter()
+                .map(|ev| {
+                    (
+                        ev.data().into_owned(),
+                        ev.id().map(|id| id.as_str().to_owned()),
+                    )
+                })
+                .collect()
+        };
+        for input in inputs {
+            let whole = seen(events(&[input]));
+            let bytes: Vec<&[u8]> = input.chunks(1).collect();
+            assert_eq!(
+                whole,
+                seen(events(&bytes)),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+            assert!(!whole.is_empty());
+        }
+    }
+
+    #[test]
+    fn kept_events_do_not_pin_the_checked_chunk() {
+        let evs = events(&[b"data: a\n\n"]);
+        let kept = evs[0].detached();
+        assert!(matches!(kept.raw, Raw::Text(_)));
+        assert_ne!(kept.raw().as_ptr(), evs[0].raw().as_ptr());
+        assert_eq!(kept.data(), "a");
     }
 }
