@@ -115,6 +115,33 @@ fn many_lines() -> Corpus {
     )
 }
 
+/// (d) Many lines of varied length: as (c), but each `data` line 20 to 60
+/// bytes long (40 on average), so that no line's length predicts the next.
+fn many_lines_varied() -> Corpus {
+    const EVENTS: usize = 7_500;
+    const LINES: usize = 20;
+    let mut seed = 3;
+    let mut buf = BytesMut::with_capacity(EVENTS * (LINES * 70 + 16));
+    let mut data_len = 0;
+    for i in 0..EVENTS {
+        buf.put_slice(format!("id: {i}\n").as_bytes());
+        for _ in 0..LINES {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let len = 20 + ((seed >> 33) % 41) as usize;
+            buf.put_slice(b"data: ");
+            buf.put_slice(&filler(len, &mut seed));
+            buf.put_u8(b'\n');
+            data_len += len;
+        }
+        buf.put_u8(b'\n');
+        // Data lines are joined with LF.
+        data_len += LINES - 1;
+    }
+    Corpus::new("many_lines_varied", buf, EVENTS, data_len)
+}
+
 /// Polls a stream whose input is always ready to its end, without a runtime.
 fn drain<S: Stream + Unpin>(mut stream: S, mut each: impl FnMut(S::Item)) {
     let mut cx = Context::from_waker(Waker::noop());
@@ -194,7 +221,12 @@ const CONTENDERS: [Contender; 4] = [
 ];
 
 fn parsers(c: &mut Criterion) {
-    let corpora = [small_events(), large_data(), many_lines()];
+    let corpora = [
+        small_events(),
+        large_data(),
+        many_lines(),
+        many_lines_varied(),
+    ];
     for corpus in &corpora {
         eprintln!(
             "corpus {}: {} bytes in {} chunks, {} events, {} data bytes",
