@@ -120,7 +120,7 @@ fn many_lines() -> Corpus {
 fn many_lines_varied() -> Corpus {
     const EVENTS: usize = 7_500;
     const LINES: usize = 20;
-    let mut seed = 3;
+    let mut seed: u64 = 3;
     let mut buf = BytesMut::with_capacity(EVENTS * (LINES * 70 + 16));
     let mut data_len = 0;
     for i in 0..EVENTS {
