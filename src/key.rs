@@ -17,10 +17,45 @@ pub const MAX_SESSION_LEN: usize = 256;
 pub const MAX_RESOURCE_LEN: usize = 4096;
 
 /// Identifies a stream: an optional session and a resource (path, with the query when no session is used).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Eq)]
 pub struct StreamKey {
     session: Option<Arc<str>>,
     resource: Arc<str>,
+}
+
+/// Equal text, with clones of one key (the usual case in a map lookup)
+/// recognised by pointer, without reading the text.
+impl PartialEq for StreamKey {
+    fn eq(&self, other: &Self) -> bool {
+        fn same(a: &Arc<str>, b: &Arc<str>) -> bool {
+            Arc::ptr_eq(a, b) || a == b
+        }
+        same(&self.resource, &other.resource)
+            && match (&self.session, &other.session) {
+                (None, None) => true,
+                (Some(a), Some(b)) => same(a, b),
+                _ => false,
+            }
+    }
+}
+
+impl std::hash::Hash for StreamKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.session.hash(state);
+        self.resource.hash(state);
+    }
+}
+
+impl Ord for StreamKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (&self.session, &self.resource).cmp(&(&other.session, &other.resource))
+    }
+}
+
+impl PartialOrd for StreamKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl StreamKey {

@@ -361,7 +361,9 @@ impl Log {
             // prefix, no `memcmp` call per event.
             let fits = match (ev.id.sequence_bytes(), prefix.as_deref()) {
                 (Some((p, n)), Some(held))
-                    if n > *last && p.len() == held.len() && p == held.as_bytes() =>
+                    if n > *last
+                        && p.len() == held.len()
+                        && (p.is_empty() || p == held.as_bytes()) =>
                 {
                     *last = n;
                     true
