@@ -688,6 +688,9 @@ impl Pipeline {
             Ending::Deferred(Some(e)) => return self.fail(e),
         }
         let mut out = Coalesced::default();
+        // With interceptors: the delivery time of this frame's events, read
+        // once (they reach the client in one write).
+        let mut delivered_at = None;
         loop {
             if let Some(reason) = self.conn.as_ref().and_then(|c| c.entry().killed()) {
                 if out.is_empty() {
@@ -769,14 +772,15 @@ impl Pipeline {
                         if !interceptors.is_empty() {
                             // Interceptors see the cursor before each event:
                             // move it per event, before the next one is judged.
-                            if let Some(id) = out.cursor.take() {
-                                stream.set_cursor(id.as_ref());
-                            }
+                            let previous_id = match out.cursor.take() {
+                                Some(id) => stream.move_cursor(id.as_ref()),
+                                None => stream.cursor(),
+                            };
                             let cx = EventContext {
                                 stream: stream.key(),
                                 connection: conn.id(),
-                                previous_id: stream.cursor(),
-                                time: SystemTime::now(),
+                                previous_id,
+                                time: *delivered_at.get_or_insert_with(SystemTime::now),
                             };
                             if interceptors.on_event(registry, stream, &cx, &mut event)
                                 == Decision::Drop

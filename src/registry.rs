@@ -452,11 +452,19 @@ impl StreamState {
 
     /// Moves the cursor. Called at delivery; layers that restore state (a resume) may call it too.
     pub fn set_cursor(&self, id: Option<&EventId>) {
+        self.move_cursor(id);
+    }
+
+    /// [`set_cursor`](Self::set_cursor), returning the cursor as set: what
+    /// [`cursor`](Self::cursor) would load next, without loading it.
+    pub(crate) fn move_cursor(&self, id: Option<&EventId>) -> Option<Arc<EventId>> {
         let current = self.cursor.load();
         if current.as_deref() == id {
-            return;
+            return arc_swap::Guard::into_inner(current);
         }
-        self.cursor.store(id.map(|id| Arc::new(id.detached())));
+        let new = id.map(|id| Arc::new(id.detached()));
+        self.cursor.store(new.clone());
+        new
     }
 
     /// The stream's counters.
