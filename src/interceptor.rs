@@ -45,7 +45,8 @@ pub struct EventContext<'a> {
     pub connection: ConnectionId,
     /// The stream's cursor before this event.
     pub previous_id: Option<Arc<EventId>>,
-    /// When the event is delivered.
+    /// When the event is delivered: read once per body frame, so events that
+    /// reach the client in one write share it.
     pub time: SystemTime,
 }
 
