@@ -1,6 +1,7 @@
 //! The per-stream record of delivered IDs.
 
 use std::collections::VecDeque;
+use std::io::Write;
 
 use tower_sse::EventId;
 
@@ -237,11 +238,18 @@ impl Window {
         if !self.in_run {
             return self.set.contains(probe.fp);
         }
+        self.run_index(probe).is_some()
+    }
+
+    /// In run mode, the ring index of the probed ID, if it is an ID of the
+    /// run that the ring holds. A new ID above the run's top is known absent
+    /// without touching the ring.
+    fn run_index(&self, probe: &Probe<'_>) -> Option<usize> {
         match (probe.canonical, probe.seq, &self.run) {
-            (true, Some((p, n)), Some(run)) if same(&run.prefix, p) => {
-                n <= run.n && self.ring.fps.binary_search(&n).is_ok()
+            (true, Some((p, n)), Some(run)) if n <= run.n && same(&run.prefix, p) => {
+                self.ring.fps.binary_search(&n).ok()
             }
-            _ => false,
+            _ => None,
         }
     }
 
@@ -337,7 +345,7 @@ impl Window {
         let len = text.len();
         for slot in self.ring.fps.iter_mut() {
             text.truncate(len);
-            text.extend_from_slice(itoa(*slot, &mut [0; 20]));
+            write!(text, "{slot}").expect("writing to a Vec cannot fail");
             let fp = fingerprint(self.seed, &text);
             *slot = fp;
             self.set.insert(fp);
@@ -414,13 +422,7 @@ impl Window {
         if !self.in_run {
             return self.ring.rposition(fingerprint(self.seed, id.as_bytes()));
         }
-        let probe = Probe::new(self.seed, id);
-        match (probe.canonical, probe.seq, &self.run) {
-            (true, Some((p, n)), Some(run)) if same(&run.prefix, p) => {
-                self.ring.fps.binary_search(&n).ok()
-            }
-            _ => None,
-        }
+        self.run_index(&Probe::new(self.seed, id))
     }
 
     /// Keeps the ring's oldest `keep` entries, and the run's that are among them.
@@ -536,19 +538,6 @@ pub(crate) fn fingerprint(seed: u64, bytes: &[u8]) -> u64 {
         // The table's empty slot; a 2^-64 event, merged with fingerprint 1.
         EMPTY => 1,
         h => h,
-    }
-}
-
-/// `n` in decimal, without leading zeros.
-fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[at..];
-        }
     }
 }
 
