@@ -390,9 +390,12 @@ impl Log {
         self.events.push_back(ev);
     }
 
-    fn trim_front(&mut self) {
+    /// Drops the oldest event; returns the memory it was accounted ([`held`]).
+    fn trim_front(&mut self) -> u64 {
+        let mut freed = 0;
         if let Some(old) = self.events.pop_front() {
             self.bytes -= old.raw.len() as u64;
+            freed = held(&old);
             if let Order::Indexed(index) = &mut self.order {
                 if index.get(&old.id) == Some(&old.seq) {
                     index.remove(&old.id);
@@ -402,6 +405,12 @@ impl Log {
         if self.events.is_empty() {
             self.order = Order::default();
         }
+        freed
+    }
+
+    /// The memory this log's events are accounted ([`held`]).
+    fn held(&self) -> u64 {
+        self.bytes + (self.events.len() * EVENT_OVERHEAD) as u64
     }
 
     /// The store sequence of the newest event carrying `id`.
@@ -421,9 +430,28 @@ impl Log {
     }
 }
 
+/// What an event held in the memory store is accounted besides its bytes:
+/// its entry in the stream's log, rounded up for the log's spare room.
+const EVENT_OVERHEAD: usize = 2 * std::mem::size_of::<StoredEvent>();
+
+/// The memory an event held in the memory store is accounted.
+fn held(ev: &StoredEvent) -> u64 {
+    (ev.raw.len() + EVENT_OVERHEAD) as u64
+}
+
 /// A bounded in-memory store. Its epoch is new in every process, so cursors
 /// from before a restart are reported as [`ResumeOutcome::OtherEpoch`] (minted
 /// IDs) or [`ResumeOutcome::UnknownCursor`].
+///
+/// Besides each stream's [`Retention`], the whole store holds at most
+/// [`max_total_bytes`](Self::max_total_bytes) (default 256 MiB; an event is
+/// accounted its bytes plus a fixed overhead for its log entry): an append
+/// that crosses the budget trims every stream's oldest events, each stream in
+/// proportion to what it holds, down to 90% of the budget. Each stream keeps
+/// at least its newest event, so the store may exceed the budget by at most one
+/// event per stream. A cursor older than what a trimmed stream still holds
+/// resumes as [`ResumeOutcome::Expired`] or [`ResumeOutcome::UnknownCursor`],
+/// as after a retention trim.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -448,7 +476,37 @@ impl Log {
 pub struct MemoryStore {
     epoch: String,
     retention: Retention,
-    streams: Mutex<HashMap<StreamKey, Log>>,
+    max_total_bytes: u64,
+    streams: Mutex<Streams>,
+}
+
+/// The memory store's streams and what their events are accounted in all.
+#[derive(Default)]
+struct Streams {
+    logs: HashMap<StreamKey, Log>,
+    held: u64,
+}
+
+impl Streams {
+    /// Trims every stream's oldest events, each in proportion to what it
+    /// holds, until the store holds at most `target` (or every stream is down
+    /// to its newest event).
+    fn shrink_to(&mut self, target: u64) {
+        let excess = self.held.saturating_sub(target);
+        if excess == 0 || self.held == 0 {
+            return;
+        }
+        let total = self.held as u128;
+        for log in self.logs.values_mut() {
+            // This stream's share of the excess, rounded up.
+            let share = (log.held() as u128 * excess as u128).div_ceil(total) as u64;
+            let mut freed = 0;
+            while freed < share && log.events.len() > 1 {
+                freed += log.trim_front();
+            }
+            self.held -= freed;
+        }
+    }
 }
 
 impl Default for MemoryStore {
@@ -461,7 +519,7 @@ impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryStore")
             .field("epoch", &self.epoch)
-            .field("streams", &lock(&self.streams).len())
+            .field("streams", &lock(&self.streams).logs.len())
             .finish()
     }
 }
@@ -472,13 +530,47 @@ impl MemoryStore {
         MemoryStore {
             epoch: new_epoch(),
             retention,
-            streams: Mutex::new(HashMap::new()),
+            max_total_bytes: Self::DEFAULT_MAX_TOTAL_BYTES,
+            streams: Mutex::new(Streams::default()),
         }
+    }
+
+    /// The default budget of the whole store: 256 MiB.
+    pub const DEFAULT_MAX_TOTAL_BYTES: u64 = 256 << 20;
+
+    /// Sets the budget of the whole store, across streams (see the type's docs).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use tower_sse::store::{EventStore, MemoryStore, Retention, StoredEvent};
+    /// use tower_sse::{EventId, StreamKey};
+    ///
+    /// let store = MemoryStore::new(Retention::default()).max_total_bytes(64 << 10);
+    /// for n in 1..=1000u64 {
+    ///     let key = StreamKey::new(&format!("/feed/{}", n % 4)).unwrap();
+    ///     let raw = format!("id: {n}\ndata: {}\n\n", "x".repeat(500));
+    ///     let ev = StoredEvent { seq: n, id: EventId::from_u64(n), raw: raw.into(), stored_at_ms: 0 };
+    ///     store.append(&key, vec![ev]).await.unwrap();
+    /// }
+    /// assert!(store.total_bytes() <= 64 << 10);
+    /// # }
+    /// ```
+    pub fn max_total_bytes(mut self, bytes: u64) -> Self {
+        self.max_total_bytes = bytes;
+        self
+    }
+
+    /// What the store's events are accounted in all: their bytes plus a fixed
+    /// overhead per event.
+    pub fn total_bytes(&self) -> u64 {
+        lock(&self.streams).held
     }
 
     /// Events and bytes held for a stream.
     pub fn usage(&self, key: &StreamKey) -> (usize, u64) {
         lock(&self.streams)
+            .logs
             .get(key)
             .map_or((0, 0), |l| (l.events.len(), l.bytes))
     }
@@ -497,10 +589,11 @@ impl EventStore for MemoryStore {
         events: Vec<StoredEvent>,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let result = (|| {
-            let mut streams = lock(&self.streams);
-            let full = streams.len() >= self.retention.max_streams;
+            let mut guard = lock(&self.streams);
+            let streams = &mut *guard;
+            let full = streams.logs.len() >= self.retention.max_streams;
             // One hash of the key per batch.
-            let log = match streams.entry(key.clone()) {
+            let log = match streams.logs.entry(key.clone()) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(_) if full => {
                     return Err(StoreError::Backend(
@@ -509,15 +602,21 @@ impl EventStore for MemoryStore {
                 }
                 std::collections::hash_map::Entry::Vacant(e) => e.insert(Log::default()),
             };
+            let mut held = streams.held;
             for ev in events {
                 log.last_seq = log.last_seq.max(ev.seq);
                 log.touched_ms = ev.stored_at_ms;
+                held += self::held(&ev);
                 log.push(ev);
                 while log.events.len() > self.retention.max_events
                     || (log.bytes > self.retention.max_bytes && log.events.len() > 1)
                 {
-                    log.trim_front();
+                    held -= log.trim_front();
                 }
+            }
+            streams.held = held;
+            if held > self.max_total_bytes {
+                streams.shrink_to(self.max_total_bytes / 10 * 9);
             }
             Ok(())
         })();
@@ -532,7 +631,7 @@ impl EventStore for MemoryStore {
     ) -> BoxFuture<'a, Result<ReplayPage, StoreError>> {
         let page = {
             let streams = lock(&self.streams);
-            match streams.get(key) {
+            match streams.logs.get(key) {
                 None => ReplayPage {
                     outcome: classify_missing(&self.epoch, after, None),
                     events: Vec::new(),
@@ -559,7 +658,7 @@ impl EventStore for MemoryStore {
     }
 
     fn last_seq<'a>(&'a self, key: &'a StreamKey) -> BoxFuture<'a, Result<u64, StoreError>> {
-        let seq = lock(&self.streams).get(key).map_or(0, |l| l.last_seq);
+        let seq = lock(&self.streams).logs.get(key).map_or(0, |l| l.last_seq);
         Box::pin(async move { Ok(seq) })
     }
 
@@ -567,7 +666,10 @@ impl EventStore for MemoryStore {
         &'a self,
         key: &'a StreamKey,
     ) -> BoxFuture<'a, Result<Option<EventId>, StoreError>> {
-        let cursor = lock(&self.streams).get(key).and_then(|l| l.cursor.clone());
+        let cursor = lock(&self.streams)
+            .logs
+            .get(key)
+            .and_then(|l| l.cursor.clone());
         Box::pin(async move { Ok(cursor) })
     }
 
@@ -578,6 +680,7 @@ impl EventStore for MemoryStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let result = {
             let mut streams = lock(&self.streams);
+            let streams = &mut streams.logs;
             if !streams.contains_key(key) && streams.len() >= self.retention.max_streams {
                 Err(StoreError::Backend(
                     "too many streams in the memory store".into(),
@@ -596,14 +699,17 @@ impl EventStore for MemoryStore {
         let cutoff = now_unix_ms().saturating_sub(self.retention.max_age.as_millis() as u64);
         let mut deleted = 0;
         {
-            let mut streams = lock(&self.streams);
-            for log in streams.values_mut() {
+            let mut guard = lock(&self.streams);
+            let streams = &mut *guard;
+            for log in streams.logs.values_mut() {
                 while log.events.front().is_some_and(|e| e.stored_at_ms < cutoff) {
-                    log.trim_front();
+                    streams.held -= log.trim_front();
                     deleted += 1;
                 }
             }
-            streams.retain(|_, l| !l.events.is_empty() || l.touched_ms >= cutoff);
+            streams
+                .logs
+                .retain(|_, l| !l.events.is_empty() || l.touched_ms >= cutoff);
         }
         Box::pin(async move { Ok(deleted) })
     }
@@ -617,10 +723,13 @@ impl EventStore for MemoryStore {
         key: &'a StreamKey,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<EventId>, StoreError>> {
-        let ids = lock(&self.streams).get(key).map_or_else(Vec::new, |log| {
-            let skip = log.events.len().saturating_sub(limit);
-            log.events.iter().skip(skip).map(|e| e.id.clone()).collect()
-        });
+        let ids = lock(&self.streams)
+            .logs
+            .get(key)
+            .map_or_else(Vec::new, |log| {
+                let skip = log.events.len().saturating_sub(limit);
+                log.events.iter().skip(skip).map(|e| e.id.clone()).collect()
+            });
         Box::pin(async move { Ok(ids) })
     }
 }
@@ -636,6 +745,92 @@ mod tests {
             raw: Bytes::from(vec![b'x'; len]),
             stored_at_ms: now_unix_ms(),
         }
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn the_whole_store_stays_within_its_budget_and_every_stream_keeps_its_newest() {
+        const BUDGET: u64 = 256 << 10;
+        let store = MemoryStore::new(Retention::default()).max_total_bytes(BUDGET);
+        let keys: Vec<StreamKey> = (0..8)
+            .map(|i| StreamKey::new(&format!("/s/{i}")).unwrap())
+            .collect();
+        let mut peak = 0;
+        // Stream 0 writes 4 times as much as each other stream.
+        for n in 1..=4000u64 {
+            let key = &keys[if n % 11 < 4 { 0 } else { 1 + n as usize % 7 }];
+            let seq = block_on(store.last_seq(key)).unwrap() + 1;
+            block_on(store.append(key, vec![ev(seq, &n.to_string(), 700)])).unwrap();
+            peak = peak.max(store.total_bytes());
+        }
+        assert!(peak <= BUDGET, "peak {peak} over the budget {BUDGET}");
+        // What the accounting says is what the streams hold.
+        let held: u64 = keys
+            .iter()
+            .map(|k| {
+                let (events, bytes) = store.usage(k);
+                bytes + (events * EVENT_OVERHEAD) as u64
+            })
+            .sum();
+        assert_eq!(held, store.total_bytes());
+        // No stream was emptied for another: each holds a share near its writes'.
+        let counts: Vec<usize> = keys.iter().map(|k| store.usage(k).0).collect();
+        let others = &counts[1..];
+        let (lo, hi) = (others.iter().min().unwrap(), others.iter().max().unwrap());
+        assert!(*lo > 10 && hi - lo <= hi / 4, "uneven shares: {counts:?}");
+        assert!(
+            counts[0] > 2 * hi,
+            "the busiest stream keeps the most: {counts:?}"
+        );
+        // A recent event resumes; the stream's first, trimmed, does not.
+        let recent = block_on(store.replay(&keys[0], &EventId::from_u64(3994), 100)).unwrap();
+        assert_eq!(recent.outcome, ResumeOutcome::Recovered);
+        let first = block_on(store.replay(&keys[0], &EventId::from_u64(1), 100)).unwrap();
+        assert_eq!(first.outcome, ResumeOutcome::Expired);
+    }
+
+    #[test]
+    fn a_budget_below_one_event_keeps_the_newest_event_of_each_stream() {
+        let store = MemoryStore::new(Retention::default()).max_total_bytes(100);
+        let a = StreamKey::new("/a").unwrap();
+        let b = StreamKey::new("/b").unwrap();
+        for seq in 1..=5 {
+            block_on(store.append(&a, vec![ev(seq, &format!("a{seq}"), 1000)])).unwrap();
+            block_on(store.append(&b, vec![ev(seq, &format!("b{seq}"), 1000)])).unwrap();
+        }
+        assert_eq!(store.usage(&a).0, 1);
+        assert_eq!(store.usage(&b).0, 1);
+        // A client holding the newest resumes; one further behind cannot.
+        let page = block_on(store.replay(&a, &EventId::new("a5").unwrap(), 10)).unwrap();
+        assert_eq!(page.outcome, ResumeOutcome::Recovered);
+        assert!(page.events.is_empty());
+        let page = block_on(store.replay(&a, &EventId::new("a4").unwrap(), 10)).unwrap();
+        assert_eq!(page.outcome, ResumeOutcome::UnknownCursor);
+        assert_eq!(store.total_bytes(), 2 * (1000 + EVENT_OVERHEAD as u64));
+    }
+
+    #[test]
+    fn expiry_and_retention_trims_keep_the_total_exact() {
+        let store = MemoryStore::new(Retention {
+            max_events: 3,
+            max_age: Duration::from_millis(1),
+            ..Retention::default()
+        });
+        let key = StreamKey::new("/x").unwrap();
+        let old = |seq: u64| StoredEvent {
+            stored_at_ms: 0,
+            ..ev(seq, &seq.to_string(), 50)
+        };
+        block_on(store.append(&key, (1..=5).map(old).collect())).unwrap();
+        assert_eq!(store.total_bytes(), 3 * (50 + EVENT_OVERHEAD as u64));
+        assert_eq!(block_on(store.delete_expired()).unwrap(), 3);
+        assert_eq!(store.total_bytes(), 0);
     }
 
     fn key(s: &str) -> StreamKey {
