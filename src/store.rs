@@ -448,8 +448,10 @@ fn held(ev: &StoredEvent) -> u64 {
 /// accounted its bytes plus a fixed overhead for its log entry): an append
 /// that crosses the budget trims every stream's oldest events, each stream in
 /// proportion to what it holds, down to 90% of the budget. Each stream keeps
-/// at least its newest event, so the store may exceed the budget by at most one
-/// event per stream. A cursor older than what a trimmed stream still holds
+/// at least its newest event, so the store may exceed the budget by one event
+/// per stream (and then by a tenth of the budget more: a store held over its
+/// budget by the streams' newest events alone is trimmed once per tenth of
+/// the budget appended, not on every append). A cursor older than what a trimmed stream still holds
 /// resumes as [`ResumeOutcome::Expired`] or [`ResumeOutcome::UnknownCursor`],
 /// as after a retention trim.
 ///
@@ -485,6 +487,13 @@ pub struct MemoryStore {
 struct Streams {
     logs: HashMap<StreamKey, Log>,
     held: u64,
+    /// What the last trim could not free (every stream down to its newest
+    /// event): the next trim waits until appends add a tenth of the budget
+    /// to it, so that a store held over its budget by streams' newest events
+    /// is not scanned on every append.
+    floor: u64,
+    /// Trims so far.
+    shrinks: u64,
 }
 
 impl Streams {
@@ -496,6 +505,7 @@ impl Streams {
         if excess == 0 || self.held == 0 {
             return;
         }
+        self.shrinks += 1;
         let total = self.held as u128;
         for log in self.logs.values_mut() {
             // This stream's share of the excess, rounded up.
@@ -506,6 +516,7 @@ impl Streams {
             }
             self.held -= freed;
         }
+        self.floor = if self.held > target { self.held } else { 0 };
     }
 }
 
@@ -615,7 +626,8 @@ impl EventStore for MemoryStore {
                 }
             }
             streams.held = held;
-            if held > self.max_total_bytes {
+            let slack = self.max_total_bytes / 10;
+            if held > self.max_total_bytes && held > streams.floor.saturating_add(slack) {
                 streams.shrink_to(self.max_total_bytes / 10 * 9);
             }
             Ok(())
@@ -813,6 +825,30 @@ mod tests {
         let page = block_on(store.replay(&a, &EventId::new("a4").unwrap(), 10)).unwrap();
         assert_eq!(page.outcome, ResumeOutcome::UnknownCursor);
         assert_eq!(store.total_bytes(), 2 * (1000 + EVENT_OVERHEAD as u64));
+    }
+
+    #[test]
+    fn streams_held_over_the_budget_by_their_newest_events_are_not_scanned_per_append() {
+        // 200 streams of one 4 KiB event each: 0.9 MiB that no trim can free.
+        let store = MemoryStore::new(Retention::default()).max_total_bytes(256 << 10);
+        let keys: Vec<StreamKey> = (0..200)
+            .map(|i| StreamKey::new(&format!("/k/{i}")).unwrap())
+            .collect();
+        for round in 1..=20u64 {
+            for key in &keys {
+                block_on(store.append(key, vec![ev(round, &round.to_string(), 4096)])).unwrap();
+            }
+        }
+        let one = 4096 + EVENT_OVERHEAD as u64;
+        assert!(keys.iter().all(|k| store.usage(k).0 <= 2));
+        assert!(store.total_bytes() <= 200 * one + (256 << 10) / 10 + one);
+        // 4,000 appends over the budget: a trim per tenth of the budget appended, not per append.
+        let shrinks = lock(&store.streams).shrinks;
+        assert!(
+            shrinks <= 4000 * one / ((256 << 10) / 10) + 1,
+            "{shrinks} trims"
+        );
+        assert!(shrinks > 20);
     }
 
     #[test]
