@@ -390,12 +390,12 @@ impl Log {
         self.events.push_back(ev);
     }
 
-    /// Drops the oldest event; returns the memory it was accounted ([`held`]).
+    /// Drops the oldest event; returns the memory it was accounted ([`accounted`]).
     fn trim_front(&mut self) -> u64 {
         let mut freed = 0;
         if let Some(old) = self.events.pop_front() {
             self.bytes -= old.raw.len() as u64;
-            freed = held(&old);
+            freed = accounted(&old);
             if let Order::Indexed(index) = &mut self.order {
                 if index.get(&old.id) == Some(&old.seq) {
                     index.remove(&old.id);
@@ -408,8 +408,8 @@ impl Log {
         freed
     }
 
-    /// The memory this log's events are accounted ([`held`]).
-    fn held(&self) -> u64 {
+    /// The memory this log's events are accounted ([`accounted`]).
+    fn accounted(&self) -> u64 {
         self.bytes + (self.events.len() * EVENT_OVERHEAD) as u64
     }
 
@@ -435,7 +435,7 @@ impl Log {
 const EVENT_OVERHEAD: usize = 2 * std::mem::size_of::<StoredEvent>();
 
 /// The memory an event held in the memory store is accounted.
-fn held(ev: &StoredEvent) -> u64 {
+fn accounted(ev: &StoredEvent) -> u64 {
     (ev.raw.len() + EVENT_OVERHEAD) as u64
 }
 
@@ -509,7 +509,7 @@ impl Streams {
         let total = self.held as u128;
         for log in self.logs.values_mut() {
             // This stream's share of the excess, rounded up.
-            let share = (log.held() as u128 * excess as u128).div_ceil(total) as u64;
+            let share = (log.accounted() as u128 * excess as u128).div_ceil(total) as u64;
             let mut freed = 0;
             while freed < share && log.events.len() > 1 {
                 freed += log.trim_front();
@@ -617,7 +617,7 @@ impl EventStore for MemoryStore {
             for ev in events {
                 log.last_seq = log.last_seq.max(ev.seq);
                 log.touched_ms = ev.stored_at_ms;
-                held += self::held(&ev);
+                held += accounted(&ev);
                 log.push(ev);
                 while log.events.len() > self.retention.max_events
                     || (log.bytes > self.retention.max_bytes && log.events.len() > 1)
