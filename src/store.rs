@@ -451,9 +451,9 @@ fn accounted(ev: &StoredEvent) -> u64 {
 /// at least its newest event, so the store may exceed the budget by one event
 /// per stream (and then by a tenth of the budget more: a store held over its
 /// budget by the streams' newest events alone is trimmed once per tenth of
-/// the budget appended, not on every append). A cursor older than what a trimmed stream still holds
-/// resumes as [`ResumeOutcome::Expired`] or [`ResumeOutcome::UnknownCursor`],
-/// as after a retention trim.
+/// the budget appended, not on every append). A cursor older than what a
+/// trimmed stream still holds resumes as [`ResumeOutcome::Expired`] or
+/// [`ResumeOutcome::UnknownCursor`], as after a retention trim.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -759,15 +759,8 @@ mod tests {
         }
     }
 
-    fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
-
-    #[test]
-    fn the_whole_store_stays_within_its_budget_and_every_stream_keeps_its_newest() {
+    #[tokio::test]
+    async fn the_whole_store_stays_within_its_budget_and_every_stream_keeps_its_newest() {
         const BUDGET: u64 = 256 << 10;
         let store = MemoryStore::new(Retention::default()).max_total_bytes(BUDGET);
         let keys: Vec<StreamKey> = (0..8)
@@ -777,8 +770,11 @@ mod tests {
         // Stream 0 writes 4 times as much as each other stream.
         for n in 1..=4000u64 {
             let key = &keys[if n % 11 < 4 { 0 } else { 1 + n as usize % 7 }];
-            let seq = block_on(store.last_seq(key)).unwrap() + 1;
-            block_on(store.append(key, vec![ev(seq, &n.to_string(), 700)])).unwrap();
+            let seq = store.last_seq(key).await.unwrap() + 1;
+            store
+                .append(key, vec![ev(seq, &n.to_string(), 700)])
+                .await
+                .unwrap();
             peak = peak.max(store.total_bytes());
         }
         assert!(peak <= BUDGET, "peak {peak} over the budget {BUDGET}");
@@ -801,34 +797,52 @@ mod tests {
             "the busiest stream keeps the most: {counts:?}"
         );
         // A recent event resumes; the stream's first, trimmed, does not.
-        let recent = block_on(store.replay(&keys[0], &EventId::from_u64(3994), 100)).unwrap();
+        let recent = store
+            .replay(&keys[0], &EventId::from_u64(3994), 100)
+            .await
+            .unwrap();
         assert_eq!(recent.outcome, ResumeOutcome::Recovered);
-        let first = block_on(store.replay(&keys[0], &EventId::from_u64(1), 100)).unwrap();
+        let first = store
+            .replay(&keys[0], &EventId::from_u64(1), 100)
+            .await
+            .unwrap();
         assert_eq!(first.outcome, ResumeOutcome::Expired);
     }
 
-    #[test]
-    fn a_budget_below_one_event_keeps_the_newest_event_of_each_stream() {
+    #[tokio::test]
+    async fn a_budget_below_one_event_keeps_the_newest_event_of_each_stream() {
         let store = MemoryStore::new(Retention::default()).max_total_bytes(100);
         let a = StreamKey::new("/a").unwrap();
         let b = StreamKey::new("/b").unwrap();
         for seq in 1..=5 {
-            block_on(store.append(&a, vec![ev(seq, &format!("a{seq}"), 1000)])).unwrap();
-            block_on(store.append(&b, vec![ev(seq, &format!("b{seq}"), 1000)])).unwrap();
+            store
+                .append(&a, vec![ev(seq, &format!("a{seq}"), 1000)])
+                .await
+                .unwrap();
+            store
+                .append(&b, vec![ev(seq, &format!("b{seq}"), 1000)])
+                .await
+                .unwrap();
         }
         assert_eq!(store.usage(&a).0, 1);
         assert_eq!(store.usage(&b).0, 1);
         // A client holding the newest resumes; one further behind cannot.
-        let page = block_on(store.replay(&a, &EventId::new("a5").unwrap(), 10)).unwrap();
+        let page = store
+            .replay(&a, &EventId::new("a5").unwrap(), 10)
+            .await
+            .unwrap();
         assert_eq!(page.outcome, ResumeOutcome::Recovered);
         assert!(page.events.is_empty());
-        let page = block_on(store.replay(&a, &EventId::new("a4").unwrap(), 10)).unwrap();
+        let page = store
+            .replay(&a, &EventId::new("a4").unwrap(), 10)
+            .await
+            .unwrap();
         assert_eq!(page.outcome, ResumeOutcome::UnknownCursor);
         assert_eq!(store.total_bytes(), 2 * (1000 + EVENT_OVERHEAD as u64));
     }
 
-    #[test]
-    fn streams_held_over_the_budget_by_their_newest_events_are_not_scanned_per_append() {
+    #[tokio::test]
+    async fn streams_held_over_the_budget_by_their_newest_events_are_not_scanned_per_append() {
         // 200 streams of one 4 KiB event each: 0.9 MiB that no trim can free.
         let store = MemoryStore::new(Retention::default()).max_total_bytes(256 << 10);
         let keys: Vec<StreamKey> = (0..200)
@@ -836,7 +850,10 @@ mod tests {
             .collect();
         for round in 1..=20u64 {
             for key in &keys {
-                block_on(store.append(key, vec![ev(round, &round.to_string(), 4096)])).unwrap();
+                store
+                    .append(key, vec![ev(round, &round.to_string(), 4096)])
+                    .await
+                    .unwrap();
             }
         }
         let one = 4096 + EVENT_OVERHEAD as u64;
@@ -851,8 +868,8 @@ mod tests {
         assert!(shrinks > 20);
     }
 
-    #[test]
-    fn expiry_and_retention_trims_keep_the_total_exact() {
+    #[tokio::test]
+    async fn expiry_and_retention_trims_keep_the_total_exact() {
         let store = MemoryStore::new(Retention {
             max_events: 3,
             max_age: Duration::from_millis(1),
@@ -863,9 +880,12 @@ mod tests {
             stored_at_ms: 0,
             ..ev(seq, &seq.to_string(), 50)
         };
-        block_on(store.append(&key, (1..=5).map(old).collect())).unwrap();
+        store
+            .append(&key, (1..=5).map(old).collect())
+            .await
+            .unwrap();
         assert_eq!(store.total_bytes(), 3 * (50 + EVENT_OVERHEAD as u64));
-        assert_eq!(block_on(store.delete_expired()).unwrap(), 3);
+        assert_eq!(store.delete_expired().await.unwrap(), 3);
         assert_eq!(store.total_bytes(), 0);
     }
 
