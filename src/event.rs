@@ -214,6 +214,20 @@ impl EventId {
         *slot = Some(Self::from_validated_part(raw, range));
     }
 
+    /// The validated bytes `raw[range]` as an inline ID, when they fit and a
+    /// whole inline buffer's worth of `raw` starts there (a few fixed moves).
+    #[inline(always)]
+    pub(crate) fn inline_part(raw: &[u8], range: Range<usize>) -> Option<Self> {
+        if range.len() > INLINE_ID {
+            return None;
+        }
+        let buf = *raw.get(range.start..)?.first_chunk::<INLINE_ID>()?;
+        Some(EventId(IdRepr::Inline {
+            len: range.len() as u8,
+            buf,
+        }))
+    }
+
     /// Wraps validated bytes, copying them.
     #[inline]
     pub(crate) fn from_validated_slice(bytes: &[u8]) -> Self {

@@ -513,16 +513,17 @@ impl Parser {
             raw
         };
         let has_id_field = block.id.is_some();
+        // The event's own ID, copied from its bytes rather than read back from
+        // `last_id` just written (a read that would wait on those stores).
+        let mut own_id = None;
         if let Some(r) = block.id {
             let value = &raw[r.start as usize..r.end as usize];
             if value.is_empty() {
                 self.last_id = None;
             } else if block.id_utf8 {
-                EventId::set_validated_part(
-                    &mut self.last_id,
-                    raw.bytes(),
-                    r.start as usize..r.end as usize,
-                );
+                let range = r.start as usize..r.end as usize;
+                own_id = EventId::inline_part(raw.bytes(), range.clone());
+                EventId::set_validated_part(&mut self.last_id, raw.bytes(), range);
             } else {
                 // The stream is decoded as UTF-8 with replacement characters.
                 let s = String::from_utf8_lossy(value).into_owned();
@@ -542,7 +543,10 @@ impl Parser {
         };
         Frame::Event(Event {
             raw,
-            last_event_id: self.last_id.clone(),
+            last_event_id: match own_id {
+                Some(id) => Some(id),
+                None => self.last_id.clone(),
+            },
             has_id_field,
             event_type: block.event_type,
             data,
