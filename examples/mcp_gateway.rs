@@ -45,9 +45,12 @@
 //!
 //! Upstreams never see the gateway's IDs: `Last-Event-ID` is not forwarded. A
 //! resume of a POST stream is answered from the gateway alone — the store's
-//! history, then the lingering upstream response if it is still running
-//! (`LINGER_SECS`), else an empty live tail; the tool call is never re-sent. A
-//! resume of the standalone stream replays it, then opens a fresh upstream GET.
+//! history, then the upstream response if it is still running (lingering,
+//! `LINGER_SECS`, or still streaming to the old connection, which the resume
+//! closes as `replaced` even before the gateway noticed its client leave),
+//! else an empty live tail; the tool call is never re-sent. A resume of the
+//! standalone stream replays it, then continues its upstream GET the same way
+//! or opens a fresh one.
 //!
 //! # Stack
 //!
@@ -464,7 +467,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .layer(
             PersistLayer::new(registry.clone(), store.clone())
                 .linger(linger)
-                .resume_sessions(false),
+                .resume_sessions(false)
+                .resume_takes_over(true),
         )
         .layer(DedupLayer::new(registry.clone()).seed_from(store.clone()))
         .service(tracked);

@@ -269,6 +269,17 @@ pub trait Stage: Send + 'static {
     fn linger(&mut self) -> Option<Box<dyn FnOnce(Chain) + Send>> {
         None
     }
+
+    /// The connection was closed by the registry as
+    /// [`Replaced`](CloseReason::Replaced) while the stream was live. A stage
+    /// that can give the rest of the stream to the connection replacing it
+    /// returns a handler, as for [`linger`](Stage::linger): it receives the
+    /// [`Chain`] of this stage and every stage inside it, and the replaced
+    /// client's body ends with the reason. The default keeps the stream (it
+    /// ends with its client).
+    fn hand_over(&mut self) -> Option<Box<dyn FnOnce(Chain) + Send>> {
+        None
+    }
 }
 
 /// A stage and the stages inside it, down to the parser and source: a stream
@@ -694,6 +705,9 @@ impl Pipeline {
         loop {
             if let Some(reason) = self.conn.as_ref().and_then(|c| c.entry().killed()) {
                 if out.is_empty() {
+                    if reason == CloseReason::Replaced {
+                        self.detach(Stage::hand_over);
+                    }
                     return self.fail(Box::new(Close::new(reason, "closed by the registry")));
                 }
                 // Delivered first; the next poll sees the kill again.
@@ -899,20 +913,29 @@ impl Drop for Pipeline {
                 return;
             }
         }
-        // The client went away mid-stream.
+        // The client went away mid-stream: a stage may linger on the rest.
+        self.detach(Stage::linger);
+        for s in &mut self.stages {
+            s.on_end(CloseReason::ClientGone);
+        }
+    }
+}
+
+/// What a stage returns to take its [`Chain`] from a stream's client.
+type Detach = fn(&mut dyn Stage) -> Option<Box<dyn FnOnce(Chain) + Send>>;
+
+impl Pipeline {
+    /// Gives the stream, from the outermost stage that `take`s it inward, to
+    /// that stage's handler; the stages outside it stay (to end with the client).
+    fn detach(&mut self, take: Detach) {
         for i in (0..self.stages.len()).rev() {
-            if let Some(handler) = self.stages[i].linger() {
-                for outer in &mut self.stages[i + 1..] {
-                    outer.on_end(CloseReason::ClientGone);
-                }
+            if let Some(handler) = take(&mut *self.stages[i]) {
                 let stages: Vec<_> = self.stages.drain(..=i).collect();
+                self.waiting = self.waiting.min(self.stages.len());
                 let base = std::mem::replace(&mut self.base, Base::ended());
                 handler(Chain { stages, base });
                 return;
             }
-        }
-        for s in &mut self.stages {
-            s.on_end(CloseReason::ClientGone);
         }
     }
 }

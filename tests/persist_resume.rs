@@ -526,6 +526,89 @@ async fn linger_reattaches_the_client_to_its_upstream() {
     );
 }
 
+/// An upstream without IDs or resume support: `data: 0`, `data: 1`, ... every
+/// 20 ms, counting its calls.
+fn ticker(calls: Arc<AtomicUsize>) -> Router {
+    Router::new().route(
+        "/feed",
+        get(move || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                sse_response(stream::unfold(0u64, |n| async move {
+                    if n > 0 {
+                        sleep(Duration::from_millis(20)).await;
+                    }
+                    Some((Ok(Bytes::from(format!("data: {n}\n\n"))), n + 1))
+                }))
+            }
+        }),
+    )
+}
+
+/// A resume arrives while the connection it replaces still streams (its client
+/// left, the server has not noticed): with `resume_takes_over` the resumed
+/// client continues that connection's upstream (no linger configured), and the
+/// old connection closes as `replaced`; without it, a second upstream opens.
+async fn resume_while_the_old_connection_streams(take_over: bool) {
+    let registry = Registry::default();
+    let store = Arc::new(MemoryStore::default());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let persist = PersistLayer::new(registry.clone(), store)
+        .stamp_ids()
+        .resume_takes_over(take_over);
+    let (addr, _server) = serve(stack(ticker(calls.clone()), &registry, persist)).await;
+
+    let mut first = Sse::stream(addr, "/feed", &[]).await;
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        got.push(first.event().await);
+    }
+    let cursor = got.last().and_then(|e| e.id.clone()).expect("an ID");
+    // `first` stays open and unread: its connection is live on the server.
+    let mut second = Sse::stream(addr, "/feed", &[("last-event-id", &cursor)]).await;
+    assert_eq!(second.resume(), Some("recovered"));
+    for _ in 0..30 {
+        got.push(second.event().await);
+    }
+    let stream = registry.stream(&key("/feed")).expect("the stream");
+    if take_over {
+        let seqs: Vec<u64> = got.iter().map(Ev::seq).collect();
+        assert_contiguous("stamped IDs across both connections", &seqs, 1);
+        let data: Vec<u64> = got.iter().map(Ev::n).collect();
+        assert_contiguous("one upstream's counter across both connections", &data, 0);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "the upstream was called once"
+        );
+        // The old client gets what was sent before the takeover, then the reason.
+        let rest = first.rest().await;
+        assert!(
+            first.comments.iter().any(|c| c.contains("replaced")),
+            "the old connection closed as replaced: {:?} after {} more events",
+            first.comments,
+            rest.len()
+        );
+        assert_eq!(registry.counters().get(Counter::ClosedReplaced), 1);
+        assert_eq!(stream.open_connections(), 1);
+    } else {
+        // A second upstream, recorded into the same stream as the first.
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "a second upstream");
+        assert_eq!(stream.open_connections(), 2, "both connections stream");
+        assert_eq!(registry.counters().get(Counter::ClosedReplaced), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_takes_over_the_upstream_of_a_connection_still_streaming() {
+    resume_while_the_old_connection_streams(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_take_over_a_resume_opens_a_second_upstream() {
+    resume_while_the_old_connection_streams(false).await;
+}
+
 // ---------------------------------------------------------------------------
 // 3. Replay isolation between streams.
 

@@ -28,6 +28,11 @@
 //!   time is re-attached to the same upstream response and loses nothing, even
 //!   from an upstream without resume support. Bounded by retention and by a cap
 //!   on lingering streams.
+//! - **Take-over.** With [`PersistLayer::resume_takes_over`], a resume of a
+//!   stream that a connection here still streams (its client left, and the
+//!   server has not noticed: it only does when it next writes) closes that
+//!   connection as `replaced` and continues its upstream response, as from a
+//!   linger. For streams keyed per client, such as MCP's request streams.
 //! - **Multiple instances.** Instances sharing a store (Redis) linger on a
 //!   stream one at a time: a linger holds the stream's lease
 //!   ([`EventStore::try_lease`](tower_sse::store::EventStore::try_lease), renewed every third of
@@ -183,6 +188,7 @@ pub(crate) struct Config {
     max_lingering: usize,
     lingering: AtomicUsize,
     resume_sessions: bool,
+    resume_takes_over: bool,
     page_size: usize,
     max_in_flight: usize,
     /// This layer's ID as a lease holder: random, one per [`PersistLayer`].
@@ -208,6 +214,7 @@ impl Default for Config {
             max_lingering: 1024,
             lingering: AtomicUsize::new(0),
             resume_sessions: true,
+            resume_takes_over: false,
             page_size: 256,
             max_in_flight: 1024,
             instance: new_instance_id(),
@@ -227,6 +234,7 @@ impl Clone for Config {
             max_lingering: self.max_lingering,
             lingering: AtomicUsize::new(0),
             resume_sessions: self.resume_sessions,
+            resume_takes_over: self.resume_takes_over,
             page_size: self.page_size,
             max_in_flight: self.max_in_flight,
             instance: self.instance.clone(),

@@ -13,13 +13,14 @@
 //! [`EventStore::try_lease`]: tower_sse::store::EventStore::try_lease
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Duration;
 
 use tokio::sync::OnceCell;
-use tower_sse::Chain;
+use tower_sse::registry::{ConnectionState, StreamState};
+use tower_sse::{Chain, CloseReason};
 
 use crate::service::Head;
 use crate::stage::Target;
@@ -30,6 +31,13 @@ pub(crate) struct PersistStream {
     /// The stream's sequence counter, loaded from the store on first use.
     pub seq: OnceCell<Arc<AtomicU64>>,
     lingering: Mutex<Option<Arc<Lingering>>>,
+    /// Recorders alive on this instance (streaming to a client, or lingering).
+    pub recorders: AtomicUsize,
+    /// A resume is taking the stream's live upstream over: a recorder whose
+    /// connection is replaced hands its chain over (see [`take_over`]).
+    pub taking_over: AtomicBool,
+    /// Notified when a chain starts lingering (or is handed over).
+    lingered: tokio::sync::Notify,
 }
 
 struct Lingering {
@@ -48,6 +56,44 @@ impl PersistStream {
     pub(crate) fn is_lingering(&self) -> bool {
         lock(&self.lingering).is_some()
     }
+}
+
+/// How long a resume waits for the stream's live connections to hand their
+/// upstream over before it opens one of its own.
+const TAKE_OVER_WAIT: Duration = Duration::from_secs(2);
+
+/// Asks the stream's live connections on this instance to hand their upstream
+/// over (they close as [`CloseReason::Replaced`]; a recorder among their stages
+/// moves its chain to the linger slot, where [`take`] finds it) and waits, up
+/// to [`TAKE_OVER_WAIT`], until one did. For streams keyed per client, where a
+/// resume means its client left that connection, whether or not the server
+/// noticed yet. Returns at once when no recorder streams to a client here.
+pub(crate) async fn take_over(stream: &StreamState, state: &PersistStream) {
+    if state.is_lingering() || state.recorders.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    let live: Vec<_> = stream
+        .connections()
+        .into_iter()
+        .filter(|c| c.state() == ConnectionState::Streaming)
+        .collect();
+    if live.is_empty() {
+        return;
+    }
+    let lingered = state.lingered.notified();
+    tokio::pin!(lingered);
+    lingered.as_mut().enable();
+    state.taking_over.store(true, Ordering::Release);
+    for c in &live {
+        c.kill(CloseReason::Replaced);
+    }
+    if tokio::time::timeout(TAKE_OVER_WAIT, lingered)
+        .await
+        .is_err()
+    {
+        tracing::debug!(stream = %stream.key(), "no live connection handed its upstream over");
+    }
+    state.taking_over.store(false, Ordering::Release);
 }
 
 /// Takes over a lingering upstream of the stream, if there is one.
@@ -76,6 +122,7 @@ pub(crate) fn start(target: Target, chain: Chain, linger_for: Duration) {
         head: target.head.clone(),
     });
     *lock(&target.state.lingering) = Some(slot.clone());
+    target.state.lingered.notify_waiters();
     tracing::debug!(stream = %target.key, ?linger_for, "client gone; lingering on the upstream");
     handle.spawn(async move {
         let store = target.store.clone();

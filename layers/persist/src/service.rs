@@ -101,6 +101,20 @@ impl PersistLayer {
         self
     }
 
+    /// Whether a resume takes over the stream's live upstream on this instance
+    /// (default off). On, a request that resumes (with `Last-Event-ID`, or a
+    /// session's stored cursor) a stream that a connection here is still
+    /// streaming closes that connection as `replaced` and continues its
+    /// upstream response: history after the cursor, then the rest of that
+    /// response, as from a [`linger`](Self::linger). For streams keyed per
+    /// client (a session, an MCP request's stream), where a resume means the
+    /// client left the old connection even if the server has not noticed yet;
+    /// not for streams many clients share, whose other clients it would cut off.
+    pub fn resume_takes_over(mut self, on: bool) -> Self {
+        self.config().resume_takes_over = on;
+        self
+    }
+
     /// How long a linger's lease on a stream lasts unless renewed (default 6 s;
     /// renewed every third of it). An instance that dies while lingering
     /// holds the stream at most this long.
@@ -282,6 +296,12 @@ where
                 key: sse.key.clone(),
                 last_event_id: cursor.clone(),
             };
+
+            // A resume while a connection here still streams the upstream:
+            // that connection hands it over (then taken as a lingering one).
+            if config.resume_takes_over && cursor.is_some() && seq.is_some() {
+                linger::take_over(&stream, &state).await;
+            }
 
             // A resume while another instance lingers on the upstream: follow
             // the store instead of opening a second upstream connection.

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use tower_sse::body::Below;
 use tower_sse::parse::Frame;
@@ -126,6 +127,7 @@ const ASYNC_QUEUE: usize = 64;
 
 impl Recorder {
     pub(crate) fn new(target: Target, seq: Arc<AtomicU64>, replayed: Replayed) -> Self {
+        target.state.recorders.fetch_add(1, Ordering::AcqRel);
         Recorder {
             target,
             seq,
@@ -443,6 +445,27 @@ impl Stage for Recorder {
         Some(Box::new(move |chain| {
             linger::start(target, chain, linger_for)
         }))
+    }
+
+    fn hand_over(&mut self) -> Option<Box<dyn FnOnce(Chain) + Send>> {
+        if !self.target.state.taking_over.load(Ordering::Acquire) {
+            return None;
+        }
+        self.write_cursor();
+        // Held in the linger slot until the resume takes it, which it does at once.
+        let hold = self.target.config.linger.unwrap_or(HAND_OVER_HOLD);
+        let target = self.target.clone();
+        Some(Box::new(move |chain| linger::start(target, chain, hold)))
+    }
+}
+
+/// How long a handed-over upstream waits for the resume that asked for it,
+/// without [`PersistLayer::linger`](crate::PersistLayer::linger).
+const HAND_OVER_HOLD: Duration = Duration::from_secs(10);
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.target.state.recorders.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
