@@ -9,11 +9,11 @@
 //! # Layout
 //!
 //! With prefix `p` (default `tower-sse`) and a stream key `k`, the keys are
-//! `p:{h}:v2:log` (a Redis Stream: entry `seq-0` with fields `id`, `raw`, `t`)
-//! and `p:{h}:v2:idx` (hash: event ID → seq; and, under field names starting
-//! with NUL, which no event ID has, `\0m`: the meta `last_seq bytes n ttl_at
-//! taken`, and `\0c`: the cursor), where `h` is the hex encoding of the
-//! length-prefixed session and resource of `k`. `v2` is the key format:
+//! `p:{h}:v3:log` (a Redis Stream: entry `seq-0` with fields `id`, `raw`, `t`)
+//! and `p:{h}:v3:idx` (hash: event ID → seq; and, under field names starting
+//! with NUL, which no event ID has, `\0m`: the meta, binary, see the append
+//! script, and `\0c`: the cursor), where `h` is the hex encoding of the
+//! length-prefixed session and resource of `k`. `v3` is the key format:
 //! another format's keys are not read (a store of this version starts with
 //! empty histories next to them, and they expire). Hex keeps any
 //! user-supplied key — with `:`, `*`, `{`, `}`, newlines, 10 KiB long —
@@ -94,11 +94,12 @@ const APPEND: &str = include_str!("append.lua");
 /// its whole run); one stream's events are never split across calls.
 const EVENTS_PER_CALL: usize = 2048;
 
-/// The suffixes of a stream's log and idx keys (format `v2`: the meta lives in idx).
-const LOG: &str = "v2:log";
-const IDX: &str = "v2:idx";
+/// The suffixes of a stream's log and idx keys (format `v3`: the meta lives in
+/// idx, binary; `v2` kept it as text).
+const LOG: &str = "v3:log";
+const IDX: &str = "v3:idx";
 
-/// The idx fields of the meta (`last_seq bytes n ttl_at taken`) and of the cursor.
+/// The idx fields of the meta and of the cursor.
 const META_FIELD: &[u8] = b"\0m";
 const CURSOR_FIELD: &[u8] = b"\0c";
 
@@ -775,6 +776,16 @@ fn pipeline_of(shared: &Shared, batch: &[Pending], load_script: bool) -> redis::
     pipe
 }
 
+/// The last sequence in a stream's meta: byte 1, four doubles, then the
+/// sequence in decimal (written by the append script). None if unreadable,
+/// which the script also treats as a stream starting over.
+fn last_seq_of_meta(meta: &[u8]) -> Option<u64> {
+    match meta.split_at_checked(33)? {
+        ([1, ..], last) => std::str::from_utf8(last).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
 impl EventStore for RedisStore {
     fn epoch(&self) -> &str {
         &self.shared.epoch
@@ -840,12 +851,10 @@ impl EventStore for RedisStore {
                 .arg(self.shared.key(key, IDX))
                 .arg(META_FIELD);
             let replies = self.query(pipe).await?;
-            // `last_seq bytes n ttl_at taken`
             Ok(replies
                 .first()
                 .and_then(bytes_of)
-                .and_then(|meta| meta.split(|&b| b == b' ').next())
-                .and_then(|last| std::str::from_utf8(last).ok()?.parse().ok())
+                .and_then(last_seq_of_meta)
                 .unwrap_or(0))
         })
     }

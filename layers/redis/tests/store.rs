@@ -418,20 +418,29 @@ async fn reused_ids_and_retried_batches_at_the_cap_keep_the_index_exact() {
     }
 }
 
-/// A stream's meta (`last_seq bytes n ttl_at taken`, the `\0m` field of its idx), read from Redis itself.
+/// A stream's meta (`last_seq bytes n ttl_at taken`, the `\0m` field of its
+/// idx: byte 1, then `bytes n ttl_at taken` as little-endian doubles, then
+/// `last_seq` in decimal), read from Redis itself.
 async fn meta(
     conn: &mut redis::aio::MultiplexedConnection,
     store: &RedisStore,
     key: &StreamKey,
 ) -> [u64; 5] {
-    let meta: String = redis::cmd("HGET")
+    let meta: Vec<u8> = redis::cmd("HGET")
         .arg(store.redis_key(key, "idx"))
         .arg("\0m")
         .query_async(conn)
         .await
         .unwrap();
-    let fields: Vec<u64> = meta.split(' ').map(|f| f.parse().unwrap()).collect();
-    fields.try_into().unwrap()
+    assert_eq!(meta[0], 1, "the meta's format");
+    let double = |i: usize| {
+        let at = 1 + 8 * i;
+        let value = f64::from_le_bytes(meta[at..at + 8].try_into().unwrap());
+        assert_eq!(value.fract(), 0.0, "a count is whole");
+        value as u64
+    };
+    let last = std::str::from_utf8(&meta[33..]).unwrap().parse().unwrap();
+    [last, double(0), double(1), double(2), double(3)]
 }
 
 /// The event IDs in a stream's idx (its fields other than the NUL-named meta
