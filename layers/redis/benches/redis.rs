@@ -88,7 +88,7 @@ fn prefix() -> String {
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(std::env::var("WORKERS").map_or(2, |w| w.parse().unwrap()))
         .enable_all()
         .build()
         .unwrap()
@@ -192,7 +192,8 @@ impl Naive {
                 .arg(e.seq)
                 .arg(e.id.as_bytes())
                 .arg(e.raw.as_ref())
-                .arg(e.stored_at_ms)
+                // The log entry's ID, `seq-stored_at_ms`, as the store sends it.
+                .arg(format!("{}-{}", e.seq, e.stored_at_ms))
                 .query_async(&mut self.conn)
                 .await
                 .unwrap();

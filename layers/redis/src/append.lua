@@ -2,8 +2,10 @@
 -- atomic call. KEYS: log, idx of each stream (one stream's keys share a hash
 -- slot). ARGV: max events, max bytes, TTL in ms (0: none), then per stream,
 -- in KEYS order: its number of events k, then k times
--- `seq, id, raw, stored_at_ms`. Events at or below a stream's last sequence
--- are skipped (a retried batch adds nothing).
+-- `seq, id, raw, entry` (entry: the log entry's ID, `seq-stored_at_ms`; the
+-- entry's one field is the event's ID, with the raw bytes as its value: a
+-- trim reads two strings per entry). Events at or below a stream's last
+-- sequence are skipped (a retried batch adds nothing).
 --
 -- idx maps event IDs to their sequence numbers and, under field names that
 -- start with NUL (which no event ID has), holds the stream's meta and cursor:
@@ -28,9 +30,8 @@
 -- the idx) is noticed (XADD NOMKSTREAM, or no oldest entries to read) and
 -- the stream starts from zero again, its stale IDs gone; an idx lost while
 -- its log stays (evicted) drops the log too. Sequence numbers are compared
--- as the decimal strings the client sent (an entry's ID is its sequence,
--- which XADD reads as `seq-0`); counts and sums are doubles, exact below
--- 2^53. Work tables are reused across streams: a call allocates little.
+-- as the decimal strings the client sent; counts and sums are doubles, exact
+-- below 2^53. Work tables are reused across streams: a call allocates little.
 local max_events, max_bytes, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 -- unpack() takes a bounded number of values: long argument lists go in slices.
 local STEP = 1000
@@ -129,10 +130,8 @@ for s = 1, #KEYS, 2 do
         for _, e in ipairs(oldest) do
           if not (total > 1 and (total > cap_n or sum > cap_b)) then break end
           local f = e[2]
-          local oid, oraw = nil, ''
-          for j = 1, #f, 2 do
-            if f[j] == 'id' then oid = f[j + 1] elseif f[j] == 'raw' then oraw = f[j + 1] end
-          end
+          -- One field: the event's ID, its raw bytes.
+          local oid, oraw = f[1], f[2] or ''
           minid = e[1]
           if oid then
             ni = ni + 1
@@ -151,9 +150,9 @@ for s = 1, #KEYS, 2 do
       kept = kept + 1
     end
     if minid then
-      -- The last XADD trims every entry up to the last trimmed one.
-      local ms, sq = string.match(minid, '^(%d+)-(%d+)$')
-      minid = ms .. '-' .. string.format('%d', tonumber(sq) + 1)
+      -- The last XADD trims every entry up to the last trimmed one: those of
+      -- its sequence and before (the entry ID's second part is a time).
+      minid = string.format('%d', tonumber(string.match(minid, '^(%d+)')) + 1)
     end
     if ni > 0 then
       -- Forget an ID only if it still points at the trimmed entry; while no
@@ -184,9 +183,9 @@ for s = 1, #KEYS, 2 do
       local r
       if n > 0 and not wiped then
         if x == nf and minid then
-          r = redis.call('XADD', log, 'NOMKSTREAM', 'MINID', '=', minid, ARGV[i], 'id', ARGV[i + 1], 'raw', ARGV[i + 2], 't', ARGV[i + 3])
+          r = redis.call('XADD', log, 'NOMKSTREAM', 'MINID', '=', minid, ARGV[i + 3], ARGV[i + 1], ARGV[i + 2])
         else
-          r = redis.call('XADD', log, 'NOMKSTREAM', ARGV[i], 'id', ARGV[i + 1], 'raw', ARGV[i + 2], 't', ARGV[i + 3])
+          r = redis.call('XADD', log, 'NOMKSTREAM', ARGV[i + 3], ARGV[i + 1], ARGV[i + 2])
         end
         if not r then
           -- The log is gone (no trim was planned: its read would have seen
@@ -196,7 +195,7 @@ for s = 1, #KEYS, 2 do
           for y = kept, nf do sum = sum + #ARGV[fresh[y] + 2] end
           for y = kept, x - 1 do
             local iy = fresh[y]
-            redis.call('XADD', log, ARGV[iy], 'id', ARGV[iy + 1], 'raw', ARGV[iy + 2], 't', ARGV[iy + 3])
+            redis.call('XADD', log, ARGV[iy + 3], ARGV[iy + 1], ARGV[iy + 2])
             n = n + 1
           end
         end
@@ -207,7 +206,7 @@ for s = 1, #KEYS, 2 do
           cursor = redis.call('HGET', idx, C)
           redis.call('DEL', idx)
         end
-        redis.call('XADD', log, ARGV[i], 'id', ARGV[i + 1], 'raw', ARGV[i + 2], 't', ARGV[i + 3])
+        redis.call('XADD', log, ARGV[i + 3], ARGV[i + 1], ARGV[i + 2])
         created = true
       end
       n = n + 1

@@ -100,7 +100,7 @@ impl Tails {
             .arg(limit.max(1))
             .arg("STREAMS")
             .arg(&log)
-            .arg(format!("{after_seq}-0"));
+            .arg(crate::last_entry_id_of(after_seq));
         let reply =
             tokio::time::timeout(block + self.timeout, cmd.query_async::<Value>(&mut conn)).await;
         let value = match reply {

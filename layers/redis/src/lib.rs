@@ -9,7 +9,8 @@
 //! # Layout
 //!
 //! With prefix `p` (default `tower-sse`) and a stream key `k`, the keys are
-//! `p:{h}:v3:log` (a Redis Stream: entry `seq-0` with fields `id`, `raw`, `t`)
+//! `p:{h}:v3:log` (a Redis Stream: entry `seq-t`, `t` the time it was stored
+//! in ms, with one field: the event's ID, its wire bytes as the value)
 //! and `p:{h}:v3:idx` (hash: event ID → seq; and, under field names starting
 //! with NUL, which no event ID has, `\0m`: the meta, binary, see the append
 //! script, and `\0c`: the cursor), where `h` is the hex encoding of the
@@ -424,6 +425,18 @@ fn u64_of(v: &Value) -> Option<u64> {
     }
 }
 
+/// A stored event's entry ID in its stream's log: `seq-stored_at_ms` (unique
+/// and increasing as sequences are, and it keeps the time out of the fields).
+pub(crate) fn entry_id(e: &StoredEvent) -> String {
+    format!("{}-{}", e.seq, e.stored_at_ms)
+}
+
+/// The greatest log entry ID a sequence can have: entries after it are those
+/// of later sequences.
+pub(crate) fn last_entry_id_of(seq: u64) -> String {
+    format!("{seq}-{}", u64::MAX)
+}
+
 /// Parses XRANGE entries into stored events.
 fn entries(v: &Value) -> Vec<StoredEvent> {
     let Value::Array(items) = v else {
@@ -435,34 +448,23 @@ fn entries(v: &Value) -> Vec<StoredEvent> {
             let Value::Array(pair) = item else {
                 return None;
             };
-            let seq = std::str::from_utf8(bytes_of(pair.first()?)?)
+            // Entry `seq-stored_at_ms`, one field: the event ID, its raw bytes.
+            let (seq, t) = std::str::from_utf8(bytes_of(pair.first()?)?)
                 .ok()?
-                .split('-')
-                .next()?
-                .parse()
-                .ok()?;
-            let mut id = None;
-            let mut raw = None;
-            let mut t = 0;
-            let fields: Vec<&Value> = match pair.get(1)? {
-                Value::Array(f) => f.iter().collect(),
-                Value::Map(m) => m.iter().flat_map(|(k, v)| [k, v]).collect(),
+                .split_once('-')?;
+            let (id, raw) = match pair.get(1)? {
+                Value::Array(f) => (f.first()?, f.get(1)?),
+                Value::Map(m) => {
+                    let (k, v) = m.first()?;
+                    (k, v)
+                }
                 _ => return None,
             };
-            for kv in fields.chunks(2) {
-                let [k, v] = kv else { continue };
-                match bytes_of(k)? {
-                    b"id" => id = EventId::new(Bytes::copy_from_slice(bytes_of(v)?)).ok(),
-                    b"raw" => raw = Some(Bytes::copy_from_slice(bytes_of(v)?)),
-                    b"t" => t = u64_of(v).unwrap_or(0),
-                    _ => {}
-                }
-            }
             Some(StoredEvent {
-                seq,
-                id: id?,
-                raw: raw?,
-                stored_at_ms: t,
+                seq: seq.parse().ok()?,
+                id: EventId::new(Bytes::copy_from_slice(bytes_of(id)?)).ok()?,
+                raw: Bytes::copy_from_slice(bytes_of(raw)?),
+                stored_at_ms: t.parse().ok()?,
             })
         })
         .collect()
@@ -748,7 +750,7 @@ fn pipeline_of(shared: &Shared, batch: &[Pending], load_script: bool) -> redis::
                 cmd.arg(e.seq)
                     .arg(e.id.as_bytes())
                     .arg(e.raw.as_ref())
-                    .arg(e.stored_at_ms);
+                    .arg(entry_id(e));
             }
         }
         cmd.ignore();
@@ -832,7 +834,7 @@ impl EventStore for RedisStore {
             let mut pipe = redis::pipe();
             pipe.cmd("XRANGE")
                 .arg(&log)
-                .arg(format!("({seq}-0"))
+                .arg(format!("({}", last_entry_id_of(seq)))
                 .arg("+")
                 .arg("COUNT")
                 .arg(limit);
