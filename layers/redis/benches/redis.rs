@@ -15,6 +15,9 @@
 //!
 //! `REDIS_URL=redis://127.0.0.1:6379 cargo bench -p tower-sse-redis --bench redis`
 //!
+//! The appends run on a runtime of one worker thread (`WORKERS=2` for two;
+//! see [`append_workers`]), the stack on two.
+//!
 //! Without `REDIS_URL` the Redis rows print `SKIPPED` and the others run. The
 //! run ends with a summary from the same samples: events/s of each row and
 //! the ratios (target: pipelined ≥ 10x one round trip per event). As the
@@ -86,9 +89,19 @@ fn prefix() -> String {
     format!("tower-sse-bench-{}-{}", std::process::id(), now_unix_ms())
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+/// Worker threads of the appends' runtime: `WORKERS`, default 1, so that
+/// the client and Redis have a core each on a 2-core machine, as when Redis
+/// runs on a host of its own. With 2, three busy threads share two cores and
+/// the client's two workers wake and preempt each other on one of them (tens
+/// of thousands of context switches a second, `perf sched`), which both
+/// sides pay for; `WORKERS=2` measures that.
+fn append_workers() -> usize {
+    std::env::var("WORKERS").map_or(1, |w| w.parse().expect("WORKERS: a number"))
+}
+
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::env::var("WORKERS").map_or(2, |w| w.parse().unwrap()))
+        .worker_threads(workers)
         .enable_all()
         .build()
         .unwrap()
@@ -312,7 +325,7 @@ fn regime(
 
 fn appends(c: &mut Criterion) {
     let Some(url) = redis_url() else { return };
-    let runtime = runtime();
+    let runtime = runtime(append_workers());
     let prefix = prefix();
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = runtime
@@ -442,7 +455,7 @@ where
 }
 
 fn stack(c: &mut Criterion) {
-    let runtime = runtime();
+    let runtime = runtime(2);
     let (chunks, wire_len) = corpus();
     let mut group = c.benchmark_group("stack_20k_events");
     group.sample_size(10);
