@@ -205,6 +205,8 @@ async fn serve(app: Router) -> (SocketAddr, JoinHandle<()>) {
 struct Upstream {
     calls: Arc<AtomicUsize>,
     open: Arc<AtomicUsize>,
+    /// The events a response sends before it ends (`None`: it never ends).
+    events: Option<u64>,
 }
 
 /// Held by an upstream body; dropped when the body is.
@@ -216,8 +218,10 @@ impl Drop for OpenBody {
     }
 }
 
-/// An upstream with no IDs and no resume support: `data: 0`, `data: 1`, ... every 50 ms.
+/// An upstream with no IDs and no resume support: `data: 0`, `data: 1`, ...
+/// every 50 ms, up to `counts.events`.
 fn upstream(counts: Upstream) -> Router {
+    let events = counts.events.unwrap_or(u64::MAX);
     Router::new().route(
         "/feed",
         get(move || {
@@ -227,7 +231,10 @@ fn upstream(counts: Upstream) -> Router {
             async move {
                 let body = axum::body::Body::from_stream(stream::unfold(
                     (0u64, guard),
-                    |(n, guard)| async move {
+                    move |(n, guard)| async move {
+                        if n == events {
+                            return None;
+                        }
                         if n > 0 {
                             sleep(Duration::from_millis(50)).await;
                         }
@@ -295,6 +302,11 @@ impl Sse {
     }
 
     async fn event(&mut self) -> Ev {
+        self.next_event().await.expect("the stream goes on")
+    }
+
+    /// The next event, or `None` when the stream ends.
+    async fn next_event(&mut self) -> Option<Ev> {
         loop {
             while let Some(pos) = self.buf.windows(2).position(|w| w == b"\n\n") {
                 let block: Vec<u8> = self.buf.drain(..pos + 2).collect();
@@ -309,16 +321,15 @@ impl Sse {
                     }
                 }
                 if let Some(data) = data {
-                    return Ev {
+                    return Some(Ev {
                         id: id.expect("a stamped ID"),
                         data,
-                    };
+                    });
                 }
             }
             let frame = timeout(DEADLINE, self.body.frame())
                 .await
-                .expect("an event within the deadline")
-                .expect("the stream goes on")
+                .expect("an event or the end within the deadline")?
                 .expect("a frame");
             if let Ok(data) = frame.into_data() {
                 self.buf.extend_from_slice(&data);
@@ -340,6 +351,11 @@ struct Instances {
 }
 
 async fn two_instances(url: &str, name: &str) -> Instances {
+    two_instances_sending(url, name, None).await
+}
+
+/// Two instances whose upstream responses send `events` each and end.
+async fn two_instances_sending(url: &str, name: &str, events: Option<u64>) -> Instances {
     let prefix = unique_prefix(name);
     let mut addrs = Vec::new();
     let mut ups = Vec::new();
@@ -348,7 +364,10 @@ async fn two_instances(url: &str, name: &str) -> Instances {
     let mut servers = Vec::new();
     for _ in 0..2 {
         let store = Arc::new(open(url, &prefix).await);
-        let up = Upstream::default();
+        let up = Upstream {
+            events,
+            ..Upstream::default()
+        };
         let persist = PersistLayer::new(Registry::default(), store.clone())
             .stamp_ids()
             .linger(Duration::from_secs(10));
@@ -436,6 +455,35 @@ async fn resume_on_another_instance_follows_the_lingering_upstream() {
     // A still lingers and holds the lease while B follows.
     assert_eq!(two.holder().await.as_deref(), Some(two.id_a.as_str()));
     assert_eq!(two.up_a.open.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_resume_following_another_instance_ends_when_the_upstream_it_lingers_on_ends() {
+    let Some(url) = redis_url() else { return };
+    // A's upstream sends 40 events, one every 50 ms, and ends.
+    let two = two_instances_sending(&url, "ends", Some(40)).await;
+    let mut got = two.client_leaves_a().await;
+    let cursor = got.last().unwrap().id.clone();
+
+    let mut second = Sse::open(two.addr_b, &[("last-event-id", &cursor)]).await;
+    assert_eq!(second.headers["sse-resume"], "recovered");
+    // Every event, then the end (within the deadline, not after it).
+    while let Some(ev) = second.next_event().await {
+        got.push(ev);
+    }
+    let data: Vec<u64> = got.iter().map(|e| e.data).collect();
+    assert_eq!(
+        data,
+        (0..40).collect::<Vec<u64>>(),
+        "every event once, in order, then the end"
+    );
+    assert_eq!(two.up_a.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        two.up_b.calls.load(Ordering::SeqCst),
+        0,
+        "B never called its upstream"
+    );
+    assert_eq!(two.holder().await, None, "A let the stream go");
 }
 
 #[tokio::test]
