@@ -757,8 +757,20 @@ fn join_data_run(
         {
             break;
         }
-        reserve_joined(joined, i + 1);
-        joined.extend_from_slice(&value[..=i]);
+        match value.first_chunk::<SHORT_COPY>() {
+            // A short value goes in as a fixed-size copy (a few vector moves
+            // instead of a `memmove` call), its excess cut off again.
+            Some(window) if i < SHORT_COPY => {
+                reserve_joined(joined, SHORT_COPY);
+                let len = joined.len();
+                joined.extend_from_slice(window);
+                joined.truncate(len + i + 1);
+            }
+            _ => {
+                reserve_joined(joined, i + 1);
+                joined.extend_from_slice(&value[..=i]);
+            }
+        }
         n += 1;
         pos = next_pos;
     }
@@ -766,6 +778,9 @@ fn join_data_run(
     *data_lines = n;
     pos
 }
+
+/// The bytes [`join_data_run`] copies at once for a value shorter than that.
+const SHORT_COPY: usize = 64;
 
 /// Whether `s` holds no byte below 14 (so no CR or LF), sixteen bytes at a time.
 #[inline(always)]
