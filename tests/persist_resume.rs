@@ -32,7 +32,7 @@ use tokio::time::{sleep, timeout, Instant};
 use tower::ServiceBuilder;
 use tower_sse::store::{parse_minted, EventStore, MemoryStore, ResumeOutcome, Retention};
 use tower_sse::{ConnectionContext, Counter, EventId, Interceptor, KeyBy, Registry, StreamKey};
-use tower_sse_persist::{FailMode, PersistLayer, RedbStore};
+use tower_sse_persist::{FailMode, PersistLayer, RedbStore, StoreWrites};
 use tower_sse_track::TrackLayer;
 
 /// The longest any single network step may take before a test fails.
@@ -549,13 +549,16 @@ fn ticker(calls: Arc<AtomicUsize>) -> Router {
 /// left, the server has not noticed): with `resume_takes_over` the resumed
 /// client continues that connection's upstream (no linger configured), and the
 /// old connection closes as `replaced`; without it, a second upstream opens.
-async fn resume_while_the_old_connection_streams(take_over: bool) {
+async fn resume_while_the_old_connection_streams(take_over: bool, writes: StoreWrites) {
     let registry = Registry::default();
     let store = Arc::new(MemoryStore::default());
     let calls = Arc::new(AtomicUsize::new(0));
     let persist = PersistLayer::new(registry.clone(), store)
         .stamp_ids()
+        .store_writes(writes)
         .resume_takes_over(take_over);
+    // Async writes may not be stored yet when a resume replays: no take-over.
+    let take_over = take_over && writes == StoreWrites::Durable;
     let (addr, _server) = serve(stack(ticker(calls.clone()), &registry, persist)).await;
 
     let mut first = Sse::stream(addr, "/feed", &[]).await;
@@ -601,12 +604,17 @@ async fn resume_while_the_old_connection_streams(take_over: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_takes_over_the_upstream_of_a_connection_still_streaming() {
-    resume_while_the_old_connection_streams(true).await;
+    resume_while_the_old_connection_streams(true, StoreWrites::Durable).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_take_over_a_resume_opens_a_second_upstream() {
-    resume_while_the_old_connection_streams(false).await;
+    resume_while_the_old_connection_streams(false, StoreWrites::Durable).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_async_writes_a_resume_does_not_take_over() {
+    resume_while_the_old_connection_streams(true, StoreWrites::Async).await;
 }
 
 // ---------------------------------------------------------------------------

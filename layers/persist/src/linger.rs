@@ -13,7 +13,7 @@
 //! [`EventStore::try_lease`]: tower_sse::store::EventStore::try_lease
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Duration;
@@ -33,9 +33,9 @@ pub(crate) struct PersistStream {
     lingering: Mutex<Option<Arc<Lingering>>>,
     /// Recorders alive on this instance (streaming to a client, or lingering).
     pub recorders: AtomicUsize,
-    /// A resume is taking the stream's live upstream over: a recorder whose
+    /// Resumes taking the stream's live upstream over: a recorder whose
     /// connection is replaced hands its chain over (see [`take_over`]).
-    pub taking_over: AtomicBool,
+    pub taking_over: AtomicUsize,
     /// Notified when a chain starts lingering (or is handed over).
     lingered: tokio::sync::Notify,
 }
@@ -83,7 +83,7 @@ pub(crate) async fn take_over(stream: &StreamState, state: &PersistStream) {
     let lingered = state.lingered.notified();
     tokio::pin!(lingered);
     lingered.as_mut().enable();
-    state.taking_over.store(true, Ordering::Release);
+    state.taking_over.fetch_add(1, Ordering::AcqRel);
     for c in &live {
         c.kill(CloseReason::Replaced);
     }
@@ -93,7 +93,7 @@ pub(crate) async fn take_over(stream: &StreamState, state: &PersistStream) {
     {
         tracing::debug!(stream = %stream.key(), "no live connection handed its upstream over");
     }
-    state.taking_over.store(false, Ordering::Release);
+    state.taking_over.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// Takes over a lingering upstream of the stream, if there is one.
@@ -114,6 +114,8 @@ pub(crate) fn start(target: Target, chain: Chain, linger_for: Duration) {
     if config.lingering.fetch_add(1, Ordering::AcqRel) >= config.max_lingering {
         config.lingering.fetch_sub(1, Ordering::AcqRel);
         tracing::debug!(stream = %target.key, "linger cap reached; upstream closed");
+        // A resume waiting for this chain need not wait longer.
+        target.state.lingered.notify_waiters();
         return;
     }
     let slot = Arc::new(Lingering {

@@ -110,6 +110,9 @@ impl PersistLayer {
     /// client (a session, an MCP request's stream), where a resume means the
     /// client left the old connection even if the server has not noticed yet;
     /// not for streams many clients share, whose other clients it would cut off.
+    /// Only with [`StoreWrites::Durable`] (the default): with async writes,
+    /// events the old connection passed on may not be stored yet when the
+    /// resume replays, so a resume opens an upstream of its own as without it.
     pub fn resume_takes_over(mut self, on: bool) -> Self {
         self.config().resume_takes_over = on;
         self
@@ -299,7 +302,11 @@ where
 
             // A resume while a connection here still streams the upstream:
             // that connection hands it over (then taken as a lingering one).
-            if config.resume_takes_over && cursor.is_some() && seq.is_some() {
+            if config.resume_takes_over
+                && config.writes == StoreWrites::Durable
+                && cursor.is_some()
+                && seq.is_some()
+            {
                 linger::take_over(&stream, &state).await;
             }
 

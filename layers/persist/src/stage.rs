@@ -439,6 +439,10 @@ impl Stage for Recorder {
     }
 
     fn linger(&mut self) -> Option<Box<dyn FnOnce(Chain) + Send>> {
+        // Dropped (not polled) after a resume killed it: still handed over.
+        if let Some(handler) = self.hand_over() {
+            return Some(handler);
+        }
         self.write_cursor();
         let linger_for = self.target.config.linger?;
         let target = self.target.clone();
@@ -448,7 +452,11 @@ impl Stage for Recorder {
     }
 
     fn hand_over(&mut self) -> Option<Box<dyn FnOnce(Chain) + Send>> {
-        if !self.target.state.taking_over.load(Ordering::Acquire) {
+        // Async writes may still be queued, not yet in the store that the
+        // resume replays from: the stream ends with its client instead.
+        if self.target.state.taking_over.load(Ordering::Acquire) == 0
+            || self.target.config.writes == StoreWrites::Async
+        {
             return None;
         }
         self.write_cursor();
