@@ -225,6 +225,27 @@ pub trait EventStore: Send + Sync + 'static {
         Box::pin(async { Ok(None) })
     }
 
+    /// Records that the stream's upstream response ended cleanly after the
+    /// event with sequence number `last_seq`: an instance following the
+    /// stream ([`EventStore::tail`]) ends its client's stream once it has sent
+    /// that event. The default, for a store that is not shared, does nothing.
+    fn end<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        last_seq: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let _ = (key, last_seq);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// The sequence number after which the stream's upstream last ended
+    /// ([`EventStore::end`]), unless events were appended after it since. The
+    /// default knows of no end: `None`.
+    fn ended<'a>(&'a self, key: &'a StreamKey) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        let _ = key;
+        Box::pin(async { Ok(None) })
+    }
+
     /// Up to `limit` events of the stream with a sequence number above
     /// `after_seq`, in order; when there is none yet, waits up to `block` for
     /// one to be appended (by any instance sharing the store) and returns an

@@ -40,13 +40,11 @@
 //!   elsewhere closes its upstream instead of lingering. A resume that arrives
 //!   at an instance while *another* instance holds the lease opens no upstream:
 //!   it replays the history and then follows the stream's new events from the
-//!   store ([`EventStore::tail`](tower_sse::store::EventStore::tail)), for as long as some instance holds
-//!   the lease. When the lease is gone (the upstream it lingered on ended,
-//!   the linger ran out, the instance died) and a one-second wait for new
-//!   events brought none, the client's stream
-//!   ends after one last read; the client reconnects with its cursor and is
-//!   resumed wherever it lands, from an upstream opened there if no one holds
-//!   the stream.
+//!   store ([`EventStore::tail`](tower_sse::store::EventStore::tail)), whoever appends to it. When
+//!   the upstream response ends cleanly, the instance that read it records
+//!   the end ([`EventStore::end`](tower_sse::store::EventStore::end)), and a client following the
+//!   stream elsewhere gets the end too, after the last event (within about
+//!   a second), as it would have from the upstream.
 //! - **Failure isolation.** A store error is counted (`store_errors`) and
 //!   logged; the stream goes on ([`FailMode::Open`], default) or ends
 //!   ([`FailMode::Closed`]; a request whose resume cannot be read then gets 503).

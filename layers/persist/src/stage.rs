@@ -109,6 +109,8 @@ pub(crate) struct Recorder {
     in_flight: VecDeque<Batch>,
     held: usize,
     end: Option<Option<BoxError>>,
+    /// Whether the upstream's clean end was told to the store.
+    end_recorded: bool,
     failed: bool,
     last_delivered: Option<EventId>,
     cursor: Arc<CursorSlot>,
@@ -135,6 +137,7 @@ impl Recorder {
             in_flight: VecDeque::new(),
             held: 0,
             end: None,
+            end_recorded: false,
             failed: false,
             last_delivered: None,
             cursor: Arc::default(),
@@ -288,7 +291,7 @@ impl Recorder {
         let key = self.target.key.clone();
         let registry = self.target.registry.clone();
         let stream = self.target.stream.clone();
-        let mut writer: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+        let writer: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
             loop {
                 let next = lock(&slot.latest).take();
                 match next {
@@ -309,15 +312,27 @@ impl Recorder {
                 }
             }
         });
-        // A store that answers at once (the memory store) needs no task: poll
-        // the writer here first, and spawn it only if it has to wait.
-        if writer
-            .as_mut()
-            .poll(&mut Context::from_waker(Waker::noop()))
-            .is_pending()
-        {
-            handle.spawn(writer);
-        }
+        run_or_spawn(&handle, writer);
+    }
+
+    /// Tells the store that the upstream ended cleanly after the last event
+    /// numbered here, so that instances following the stream end their
+    /// clients' streams once they have sent it ([`EventStore::end`]).
+    fn record_end(&self) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.target.store.clone();
+        let key = self.target.key.clone();
+        let seq = self.seq.load(Ordering::Acquire);
+        run_or_spawn(
+            &handle,
+            Box::pin(async move {
+                if let Err(e) = store.end(&key, seq).await {
+                    tracing::debug!(stream = %key, error = %e, "recording the end of the upstream failed");
+                }
+            }),
+        );
     }
 }
 
@@ -359,7 +374,11 @@ impl Stage for Recorder {
             }
             if let Some(end) = &mut self.end {
                 if self.in_flight.is_empty() {
-                    return Poll::Ready(end.take().map(Err));
+                    let error = end.take();
+                    if error.is_none() && !std::mem::replace(&mut self.end_recorded, true) {
+                        self.record_end();
+                    }
+                    return Poll::Ready(error.map(Err));
                 }
                 self.write_cursor();
                 return Poll::Pending;
@@ -464,6 +483,21 @@ impl Stage for Recorder {
         let hold = self.target.config.linger.unwrap_or(HAND_OVER_HOLD);
         let target = self.target.clone();
         Some(Box::new(move |chain| linger::start(target, chain, hold)))
+    }
+}
+
+/// Runs `task` here if it finishes at once (a store that answers without
+/// waiting, such as the memory store), else spawns it.
+fn run_or_spawn(
+    handle: &tokio::runtime::Handle,
+    mut task: Pin<Box<dyn Future<Output = ()> + Send>>,
+) {
+    if task
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+        .is_pending()
+    {
+        handle.spawn(task);
     }
 }
 

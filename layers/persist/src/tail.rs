@@ -15,26 +15,21 @@ use tower_sse::{BoxError, Source, SourceContext, SourceItem, StreamKey};
 use crate::stage::Replayed;
 
 type TailFuture = Pin<Box<dyn Future<Output = Result<Vec<StoredEvent>, StoreError>> + Send>>;
-type HolderFuture = Pin<Box<dyn Future<Output = Result<Option<String>, StoreError>> + Send>>;
+type EndedFuture = Pin<Box<dyn Future<Output = Result<Option<u64>, StoreError>> + Send>>;
 
 /// How long to wait after a failed tail read before the next.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// The wait of the last read, once no instance holds the stream.
-const LAST_READ_BLOCK: Duration = Duration::from_millis(1);
-
 /// Yields the raw bytes of every event stored for `key` after the last one
 /// replayed (or after `after_seq` when history replayed nothing), following
-/// the stream while some instance holds its lease. The replayer above polls
-/// this source only once the history is sent, so the start is known at first
-/// poll.
+/// the stream. The replayer above polls this source only once the history is
+/// sent, so the start is known at first poll.
 ///
-/// Ends when a wait of `block` brought nothing new and no instance holds the
-/// stream's lease any more (the upstream it lingered on ended, its linger ran
-/// out, or the instance died), after one last read for what the holder wrote
-/// before it let go. Without the end, a client whose stream's upstream had
-/// ended would wait forever; ended, it reconnects with its cursor, and the
-/// instance it reaches resumes it, opening the upstream if no one holds it.
+/// Ends once it has sent the last event of an upstream response that ended
+/// cleanly ([`EventStore::ended`], checked when a wait of `block` brought
+/// nothing new), as the client's stream would have ended on the instance
+/// that held the upstream: an MCP server ends a request's stream after its
+/// response, and a client following it elsewhere must not wait forever.
 pub(crate) struct TailSource {
     store: Arc<dyn EventStore>,
     key: StreamKey,
@@ -45,10 +40,8 @@ pub(crate) struct TailSource {
     block: Duration,
     reading: Option<TailFuture>,
     waiting: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Asking who holds the lease, after a wait that brought nothing.
-    checking: Option<HolderFuture>,
-    /// No one holds the lease: the next read is the last unless it brings events.
-    last_read: bool,
+    /// Asking whether the upstream ended, after a wait that brought nothing.
+    checking: Option<EndedFuture>,
 }
 
 impl TailSource {
@@ -71,7 +64,6 @@ impl TailSource {
             reading: None,
             waiting: None,
             checking: None,
-            last_read: false,
         }
     }
 }
@@ -92,21 +84,20 @@ impl Source for TailSource {
                 self.waiting = None;
             }
             if let Some(checking) = &mut self.checking {
-                let holder = std::task::ready!(checking.as_mut().poll(cx));
+                let ended = std::task::ready!(checking.as_mut().poll(cx));
                 self.checking = None;
-                // Unknown (the store failed) counts as held: keep following.
-                self.last_read = matches!(holder, Ok(None));
+                // Unknown (the store failed): keep following.
+                if let Ok(Some(last)) = ended {
+                    if last <= self.after_seq {
+                        tracing::debug!(stream = %self.key, last, "the upstream ended; so does the tail");
+                        return Poll::Ready(None);
+                    }
+                }
             }
             if self.reading.is_none() {
                 let store = self.store.clone();
                 let key = self.key.clone();
-                // The last read only collects what is there.
-                let block = if self.last_read {
-                    LAST_READ_BLOCK
-                } else {
-                    self.block
-                };
-                let (after, limit) = (self.after_seq, self.limit);
+                let (after, limit, block) = (self.after_seq, self.limit, self.block);
                 self.reading = Some(Box::pin(async move {
                     store.tail(&key, after, limit, block).await
                 }));
@@ -129,17 +120,11 @@ impl Source for TailSource {
                         }
                     }
                     if !out.is_empty() {
-                        // Someone writes to the stream: follow on.
-                        self.last_read = false;
                         return Poll::Ready(Some(Ok(SourceItem::Data(Bytes::from(out)))));
-                    }
-                    if self.last_read {
-                        tracing::debug!(stream = %self.key, "no instance holds the stream any more; the tail ends");
-                        return Poll::Ready(None);
                     }
                     let store = self.store.clone();
                     let key = self.key.clone();
-                    self.checking = Some(Box::pin(async move { store.lease_holder(&key).await }));
+                    self.checking = Some(Box::pin(async move { store.ended(&key).await }));
                 }
                 Err(StoreError::Backend(reason)) => {
                     // The store cannot tail: end the stream; the client reconnects.

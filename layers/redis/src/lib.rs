@@ -13,7 +13,8 @@
 //! in ms, with one field: the event's ID, its wire bytes as the value)
 //! and `p:{h}:v3:idx` (hash: event ID → seq; and, under field names starting
 //! with NUL, which no event ID has, `\0m`: the meta, binary, see the append
-//! script, and `\0c`: the cursor), where `h` is the hex encoding of the
+//! script; `\0c`: the cursor; `\0e`: the sequence after which the upstream
+//! last ended, [`EventStore::end`]), where `h` is the hex encoding of the
 //! length-prefixed session and resource of `k`. `v3` is the key format:
 //! another format's keys are not read (a store of this version starts with
 //! empty histories next to them, and they expire). Hex keeps any
@@ -29,7 +30,10 @@
 //! Lua scripts that compare the holder first, so only the holder does either;
 //! it expires with its TTL if the holder dies. [`EventStore::tail`] follows a
 //! stream with `XREAD BLOCK` on connections of its own (a small pool), never on
-//! the shared multiplexed connection, which a blocking read would stall.
+//! the shared multiplexed connection, which a blocking read would stall. An
+//! end ([`EventStore::end`]) goes through the writer after the appends before
+//! it; [`EventStore::ended`] reports it while the meta's last sequence is not
+//! past it.
 //!
 //! # Writes
 //!
@@ -103,6 +107,8 @@ const IDX: &str = "v3:idx";
 /// The idx fields of the meta and of the cursor.
 const META_FIELD: &[u8] = b"\0m";
 const CURSOR_FIELD: &[u8] = b"\0c";
+/// The idx field of the sequence after which the stream's upstream last ended.
+const END_FIELD: &[u8] = b"\0e";
 
 /// At most this many queued writes go into one pipeline.
 const WRITES_PER_PIPELINE: usize = 4096;
@@ -296,13 +302,15 @@ enum Write {
         key: StreamKey,
         cursor: Option<EventId>,
     },
+    /// The stream's upstream ended after this sequence ([`EventStore::end`]).
+    End { key: StreamKey, seq: u64 },
 }
 
 impl Write {
     fn events(&self) -> usize {
         match self {
             Write::Append { events, .. } => events.len(),
-            Write::Cursor { .. } => 1,
+            Write::Cursor { .. } | Write::End { .. } => 1,
         }
     }
 }
@@ -688,6 +696,7 @@ fn pipeline_of(shared: &Shared, batch: &[Pending], load_script: bool) -> redis::
     let mut appends: Vec<(&StreamKey, Vec<&StoredEvent>)> = Vec::new();
     let mut slot: HashMap<&StreamKey, usize> = HashMap::new();
     let mut cursors: HashMap<&StreamKey, &Option<EventId>> = HashMap::new();
+    let mut ends: HashMap<&StreamKey, u64> = HashMap::new();
     for p in batch {
         match &p.write {
             Write::Append { events, .. } if events.is_empty() => {}
@@ -700,6 +709,9 @@ fn pipeline_of(shared: &Shared, batch: &[Pending], load_script: bool) -> redis::
             },
             Write::Cursor { key, cursor } => {
                 cursors.insert(key, cursor);
+            }
+            Write::End { key, seq } => {
+                ends.insert(key, *seq);
             }
         }
     }
@@ -755,16 +767,26 @@ fn pipeline_of(shared: &Shared, batch: &[Pending], load_script: bool) -> redis::
         }
         cmd.ignore();
     }
-    for (key, cursor) in cursors {
+    // The idx fields besides the meta: cursors (the last written of each
+    // stream in the batch) and ends.
+    let fields = cursors
+        .into_iter()
+        .map(|(key, c)| {
+            (
+                key,
+                CURSOR_FIELD,
+                c.as_ref().map(|id| id.as_bytes().to_vec()),
+            )
+        })
+        .chain(
+            ends.into_iter()
+                .map(|(key, seq)| (key, END_FIELD, Some(seq.to_string().into_bytes()))),
+        );
+    for (key, field, value) in fields {
         let idx = shared.key(key, IDX);
-        match cursor {
-            Some(id) => pipe
-                .cmd("HSET")
-                .arg(&idx)
-                .arg(CURSOR_FIELD)
-                .arg(id.as_bytes())
-                .ignore(),
-            None => pipe.cmd("HDEL").arg(&idx).arg(CURSOR_FIELD).ignore(),
+        match value {
+            Some(value) => pipe.cmd("HSET").arg(&idx).arg(field).arg(value).ignore(),
+            None => pipe.cmd("HDEL").arg(&idx).arg(field).ignore(),
         };
         // A zero max age means no expiry, as in the append script (PEXPIRE 0 would delete).
         if !r.max_age.is_zero() {
@@ -887,6 +909,39 @@ impl EventStore for RedisStore {
             key: key.clone(),
             cursor: cursor.map(EventId::detached),
         }))
+    }
+
+    fn end<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        last_seq: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.submit(Write::End {
+            key: key.clone(),
+            seq: last_seq,
+        }))
+    }
+
+    fn ended<'a>(&'a self, key: &'a StreamKey) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("HMGET")
+                .arg(self.shared.key(key, IDX))
+                .arg(END_FIELD)
+                .arg(META_FIELD);
+            let replies = self.query(pipe).await?;
+            let Some(Value::Array(fields)) = replies.first() else {
+                return Ok(None);
+            };
+            let end = fields.first().and_then(u64_of);
+            let last = fields
+                .get(1)
+                .and_then(bytes_of)
+                .and_then(last_seq_of_meta)
+                .unwrap_or(0);
+            // An end followed by appends (a later response) is no end.
+            Ok(end.filter(|&end| last <= end))
+        })
     }
 
     fn delete_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {

@@ -207,6 +207,8 @@ struct Upstream {
     open: Arc<AtomicUsize>,
     /// The events a response sends before it ends (`None`: it never ends).
     events: Option<u64>,
+    /// An event after which a response pauses for 2 s (longer than a tail's wait).
+    pause_after: Option<u64>,
 }
 
 /// Held by an upstream body; dropped when the body is.
@@ -222,6 +224,7 @@ impl Drop for OpenBody {
 /// every 50 ms, up to `counts.events`.
 fn upstream(counts: Upstream) -> Router {
     let events = counts.events.unwrap_or(u64::MAX);
+    let pause_after = counts.pause_after;
     Router::new().route(
         "/feed",
         get(move || {
@@ -237,6 +240,9 @@ fn upstream(counts: Upstream) -> Router {
                         }
                         if n > 0 {
                             sleep(Duration::from_millis(50)).await;
+                        }
+                        if Some(n) == pause_after.map(|p| p + 1) {
+                            sleep(Duration::from_secs(2)).await;
                         }
                         let chunk = Bytes::from(format!("data: {n}\n\n"));
                         Some((Ok::<_, Infallible>(chunk), (n + 1, guard)))
@@ -351,11 +357,20 @@ struct Instances {
 }
 
 async fn two_instances(url: &str, name: &str) -> Instances {
-    two_instances_sending(url, name, None).await
+    two_instances_with(url, name, Upstream::default()).await
 }
 
 /// Two instances whose upstream responses send `events` each and end.
 async fn two_instances_sending(url: &str, name: &str, events: Option<u64>) -> Instances {
+    let up = Upstream {
+        events,
+        ..Upstream::default()
+    };
+    two_instances_with(url, name, up).await
+}
+
+/// Two instances whose upstreams behave as `like` says (counted apart).
+async fn two_instances_with(url: &str, name: &str, like: Upstream) -> Instances {
     let prefix = unique_prefix(name);
     let mut addrs = Vec::new();
     let mut ups = Vec::new();
@@ -365,7 +380,8 @@ async fn two_instances_sending(url: &str, name: &str, events: Option<u64>) -> In
     for _ in 0..2 {
         let store = Arc::new(open(url, &prefix).await);
         let up = Upstream {
-            events,
+            events: like.events,
+            pause_after: like.pause_after,
             ..Upstream::default()
         };
         let persist = PersistLayer::new(Registry::default(), store.clone())
@@ -484,6 +500,40 @@ async fn a_resume_following_another_instance_ends_when_the_upstream_it_lingers_o
         "B never called its upstream"
     );
     assert_eq!(two.holder().await, None, "A let the stream go");
+}
+
+#[tokio::test]
+async fn a_resume_following_another_instance_goes_on_through_a_pause_after_the_lease_went() {
+    let Some(url) = redis_url() else { return };
+    // The upstream pauses 2 s after event 20, longer than a tail waits.
+    let like = Upstream {
+        pause_after: Some(20),
+        ..Upstream::default()
+    };
+    let two = two_instances_with(&url, "pause", like).await;
+    let mut got = two.client_leaves_a().await;
+    let cursor = got.last().unwrap().id.clone();
+    let mut second = Sse::open(two.addr_b, &[("last-event-id", &cursor)]).await;
+    assert_eq!(second.headers["sse-resume"], "recovered");
+    // Another client takes A's lingering upstream over: A streams to it and
+    // lets the lease go, so no instance holds the stream while it is written.
+    let mut third = Sse::open(two.addr_a, &[("last-event-id", &cursor)]).await;
+    let start = Instant::now();
+    while two.holder().await.is_some() {
+        assert!(start.elapsed() < DEADLINE, "A released the lease");
+        sleep(Duration::from_millis(10)).await;
+    }
+    // B's client follows through the pause: the stream did not end.
+    while got.last().unwrap().data < 30 {
+        got.push(second.event().await);
+    }
+    let data: Vec<u64> = got.iter().map(|e| e.data).collect();
+    assert_eq!(
+        data,
+        (0..=30).collect::<Vec<u64>>(),
+        "every event once, in order"
+    );
+    third.event().await;
 }
 
 #[tokio::test]

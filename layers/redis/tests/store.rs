@@ -53,6 +53,42 @@ fn ev(seq: u64, id: &str, data: &str) -> StoredEvent {
 }
 
 #[tokio::test]
+async fn an_end_holds_until_the_stream_is_appended_to_again() {
+    let Some(url) = redis_url() else { return };
+    let store = open_store(&url, "ended", Retention::default()).await;
+    let key = StreamKey::new("/ends").unwrap();
+    let other = StreamKey::new("/other").unwrap();
+    assert_eq!(store.ended(&key).await.unwrap(), None, "no end recorded");
+    store
+        .append(
+            &key,
+            (1..=5).map(|n| ev(n, &format!("e{n}"), "x")).collect(),
+        )
+        .await
+        .unwrap();
+    store.end(&key, 5).await.unwrap();
+    assert_eq!(store.ended(&key).await.unwrap(), Some(5));
+    assert_eq!(store.ended(&other).await.unwrap(), None, "per stream");
+    // A later response appends: the end is past.
+    store.append(&key, vec![ev(6, "e6", "x")]).await.unwrap();
+    assert_eq!(store.ended(&key).await.unwrap(), None);
+    store.end(&key, 6).await.unwrap();
+    assert_eq!(store.ended(&key).await.unwrap(), Some(6));
+    // The end's write is ordered with the appends before it.
+    store.append(&key, vec![ev(7, "e7", "x")]).await.unwrap();
+    let (late, _) = tokio::join!(
+        store.end(&key, 7),
+        store.append(&key, vec![ev(8, "e8", "x")])
+    );
+    late.unwrap();
+    assert_eq!(
+        store.ended(&key).await.unwrap(),
+        None,
+        "appended after the end"
+    );
+}
+
+#[tokio::test]
 async fn append_replay_outcomes_and_cursor() {
     let Some(url) = redis_url() else { return };
     let store = open_store(
