@@ -913,8 +913,16 @@ impl Drop for Pipeline {
                 return;
             }
         }
-        // The client went away mid-stream: a stage may linger on the rest.
-        self.detach(Stage::linger);
+        // The client went away mid-stream: a stage may linger on the rest, or,
+        // when a replacing connection killed this one before it was polled
+        // again, hand it over as that poll would have.
+        let replaced =
+            self.conn.as_ref().and_then(|c| c.entry().killed()) == Some(CloseReason::Replaced);
+        if replaced {
+            self.detach(|s| s.hand_over().or_else(|| s.linger()));
+        } else {
+            self.detach(Stage::linger);
+        }
         for s in &mut self.stages {
             s.on_end(CloseReason::ClientGone);
         }

@@ -458,10 +458,6 @@ impl Stage for Recorder {
     }
 
     fn linger(&mut self) -> Option<Box<dyn FnOnce(Chain) + Send>> {
-        // Dropped (not polled) after a resume killed it: still handed over.
-        if let Some(handler) = self.hand_over() {
-            return Some(handler);
-        }
         self.write_cursor();
         let linger_for = self.target.config.linger?;
         let target = self.target.clone();
