@@ -84,6 +84,11 @@ struct Args {
     /// Most connections per stream; a further one replaces the oldest.
     #[arg(long)]
     max_connections_per_stream: Option<usize>,
+    /// Close a client connection whose socket has taken no byte for this many
+    /// seconds while the proxy had bytes for it (0: never), like nginx's
+    /// `send_timeout`: a client that vanished without a FIN, or stopped reading.
+    #[arg(long, default_value_t = 60)]
+    send_timeout: u64,
     /// Forward with the hyper client only, without any tower-sse layer: the
     /// baseline the benchmark (bench/proxy) compares the layers against.
     #[arg(long)]
@@ -204,15 +209,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .await
     });
     let shutdown_registry = registry.clone();
+    let send_timeout = secs(args.send_timeout);
     let server = if args.bare {
         let bare = bare_proxy(upstream.clone());
         tokio::spawn(serve_http1(
             listener,
             Shared(Arc::new(bare)),
+            send_timeout,
             stop_rx.clone(),
         ))
     } else {
-        tokio::spawn(serve_http1(listener, app, stop_rx.clone()))
+        tokio::spawn(serve_http1(listener, app, send_timeout, stop_rx.clone()))
     };
 
     shutdown_signal().await;
@@ -290,6 +297,7 @@ where
 async fn serve_http1<S>(
     listener: tokio::net::TcpListener,
     service: Shared<S>,
+    send_timeout: Option<Duration>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) where
     S: tower::Service<Request<Incoming>, Response = axum::response::Response, Error = Infallible>
@@ -318,11 +326,20 @@ async fn serve_http1<S>(
         let mut stop = stop.clone();
         let alive = alive.clone();
         tokio::spawn(async move {
+            let (tcp, stall) = Watched::new(tcp);
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
+                // Dropping the connection drops its response body: the
+                // stream's connection is recorded closed, its upstream let go.
+                () = stall.exceeds(send_timeout) => {
+                    tracing::info!(
+                        timeout = ?send_timeout,
+                        "client took no byte within the send timeout: connection closed"
+                    );
+                }
                 () = async { drop(stop.wait_for(|s| *s).await) } => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
@@ -333,6 +350,124 @@ async fn serve_http1<S>(
     }
     drop(alive);
     let _ = all_closed.recv().await;
+}
+
+/// A client socket whose writes are watched: hyper stops polling a response
+/// body while the socket takes nothing, so only the socket can tell that a
+/// client has stopped reading (or vanished without a FIN, which TCP notices
+/// only after many minutes of retransmissions).
+struct Watched {
+    tcp: tokio::net::TcpStream,
+    stall: Arc<Stall>,
+}
+
+/// When the socket's writes stalled, in ms since `base` plus one (0: not stalled).
+struct Stall {
+    base: tokio::time::Instant,
+    since: std::sync::atomic::AtomicU64,
+}
+
+impl Watched {
+    fn new(tcp: tokio::net::TcpStream) -> (Watched, Arc<Stall>) {
+        let stall = Arc::new(Stall {
+            base: tokio::time::Instant::now(),
+            since: std::sync::atomic::AtomicU64::new(0),
+        });
+        (
+            Watched {
+                tcp,
+                stall: stall.clone(),
+            },
+            stall,
+        )
+    }
+}
+
+impl Stall {
+    /// Notes a write's outcome: pending (stalled, if not already) or progress.
+    fn note<T>(&self, poll: &std::task::Poll<T>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if poll.is_pending() {
+            if self.since.load(Relaxed) == 0 {
+                let ms = self.base.elapsed().as_millis() as u64 + 1;
+                self.since.store(ms, Relaxed);
+            }
+        } else if self.since.load(Relaxed) != 0 {
+            self.since.store(0, Relaxed);
+        }
+    }
+
+    /// Resolves once the writes have been stalled for `limit`; never if `None`.
+    async fn exceeds(&self, limit: Option<Duration>) {
+        let Some(limit) = limit else {
+            return std::future::pending().await;
+        };
+        loop {
+            let since = self.since.load(std::sync::atomic::Ordering::Relaxed);
+            let next = if since == 0 {
+                // Not stalled: look again in a quarter of the limit at most.
+                limit / 4
+            } else {
+                let stalled_at = self.base + Duration::from_millis(since - 1);
+                let due = stalled_at + limit;
+                if tokio::time::Instant::now() >= due {
+                    return;
+                }
+                due - tokio::time::Instant::now()
+            };
+            tokio::time::sleep(next.max(Duration::from_millis(10))).await;
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf);
+        self.stall.note(&poll);
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        self.stall.note(&poll);
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
 }
 
 async fn shutdown_signal() {

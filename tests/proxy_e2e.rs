@@ -70,6 +70,18 @@ impl Proxy {
         store: &str,
         dir: &Path,
     ) -> Proxy {
+        Proxy::start_with(listen, admin, upstream, store, dir, &[]).await
+    }
+
+    /// [`Proxy::start`] with more command-line arguments.
+    async fn start_with(
+        listen: SocketAddr,
+        admin: SocketAddr,
+        upstream: SocketAddr,
+        store: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Proxy {
         let bin = tokio::task::spawn_blocking(proxy_binary)
             .await
             .expect("build the proxy");
@@ -88,6 +100,7 @@ impl Proxy {
             .arg(format!("http://{upstream}"))
             .arg("--store")
             .arg(store)
+            .args(extra)
             .env("RUST_LOG", "info,tower_sse_reconnect=debug")
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -825,4 +838,131 @@ async fn healthz_is_ready_json_and_metrics_count_delivered_events() {
         metrics.contains("\ntower_sse_events_delivered_total 20\n"),
         "{metrics}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// 5. A client that stops reading.
+// ---------------------------------------------------------------------------
+
+/// `/flood`: 8 KiB events as fast as they are read; `open` counts the
+/// response bodies the upstream still has (a proxy that let go of a stream
+/// drops its upstream connection, and with it the body).
+fn flood_app(open: Arc<AtomicUsize>) -> Router {
+    Router::new().route(
+        "/flood",
+        get(move || {
+            let open = open.clone();
+            async move {
+                /// Counts one open body while it lives.
+                struct Open(Arc<AtomicUsize>);
+                impl Drop for Open {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                open.fetch_add(1, Ordering::SeqCst);
+                let guard = Open(open);
+                let data = "x".repeat(8192);
+                let events = stream::iter(1u64..).map(move |n| {
+                    let _alive = &guard;
+                    Ok::<_, std::convert::Infallible>(Bytes::from(format!(
+                        "id: {n}\ndata: {data}\n\n"
+                    )))
+                });
+                Response::builder()
+                    .header(CONTENT_TYPE, "text/event-stream")
+                    .body(Body::from_stream(events))
+                    .unwrap()
+            }
+        }),
+    )
+}
+
+/// Waits until `check` holds, polling; panics with `what` after [`STEP`].
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A client that stops reading (or vanished without a FIN) fills its
+/// socket, and hyper then stops polling the response body, so no layer sees
+/// it go: the proxy closes such a connection after `--send-timeout`, which
+/// records it closed and lets its upstream go. A client that keeps reading
+/// is never cut, however long its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_after_the_send_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let open = Arc::new(AtomicUsize::new(0));
+    let upstream = Upstream::start(flood_app(open.clone())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start_with(
+        any_port(),
+        any_port(),
+        upstream.addr,
+        "memory",
+        dir.path(),
+        &["--send-timeout", "1"],
+    )
+    .await;
+
+    let get = format!("GET /flood HTTP/1.1\r\nhost: {}\r\n\r\n", proxy.addr);
+    // A reader: takes everything, for three times the timeout.
+    let mut reader = TcpStream::connect(proxy.addr).await.unwrap();
+    reader.write_all(get.as_bytes()).await.unwrap();
+    // A stalled client: sends its request, reads the first bytes, then nothing.
+    let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
+    stalled.write_all(get.as_bytes()).await.unwrap();
+    let mut first = [0u8; 1024];
+    let n = timeout(STEP, stalled.read(&mut first))
+        .await
+        .expect("the response starts")
+        .unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+
+    let mut buf = vec![0u8; 1 << 16];
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut read = 0u64;
+    while tokio::time::Instant::now() < until {
+        let n = timeout(STEP, reader.read(&mut buf))
+            .await
+            .expect("the reader's stream goes on")
+            .unwrap();
+        assert!(
+            n > 0,
+            "the reader's connection was closed: {}",
+            proxy.tail()
+        );
+        read += n as u64;
+    }
+    assert!(read > 1 << 20, "the reader got {read} bytes");
+
+    // By now the stalled client is gone from the proxy, and so is its upstream.
+    eventually("the stalled client's upstream is let go", async || {
+        open.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(metric(proxy.admin, "tower_sse_connections_open").await, 1);
+    assert!(
+        proxy.tail().contains("within the send timeout"),
+        "{}",
+        proxy.tail()
+    );
+    // What the stalled client's socket still holds, then the end.
+    let mut rest = Vec::new();
+    timeout(STEP, stalled.read_to_end(&mut rest))
+        .await
+        .expect("the stalled client's connection ends")
+        .unwrap();
+    // The reader is still served.
+    let n = timeout(STEP, reader.read(&mut buf)).await.unwrap().unwrap();
+    assert!(n > 0);
+    drop(reader);
+    eventually("the reader's upstream is let go", async || {
+        open.load(Ordering::SeqCst) == 0
+    })
+    .await;
 }
