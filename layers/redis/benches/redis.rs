@@ -346,9 +346,15 @@ fn appends(c: &mut Criterion) {
 
     // Nothing is trimmed in the fresh regime.
     let fresh = open_store(&runtime, &url, &format!("{prefix}:fresh"), usize::MAX >> 12);
-    regime(&mut group, &runtime, &fresh, &conn, &sha, "fresh", false);
-    let at_cap = open_store(&runtime, &url, &format!("{prefix}:cap"), CAP);
-    regime(&mut group, &runtime, &at_cap, &conn, &sha, "at_cap", true);
+    // `REGIME=fresh` or `REGIME=at_cap` runs that regime's rows alone (to profile one).
+    let only = std::env::var("REGIME").ok();
+    if only.as_deref().is_none_or(|r| r == "fresh") {
+        regime(&mut group, &runtime, &fresh, &conn, &sha, "fresh", false);
+    }
+    if only.as_deref().is_none_or(|r| r == "at_cap") {
+        let at_cap = open_store(&runtime, &url, &format!("{prefix}:cap"), CAP);
+        regime(&mut group, &runtime, &at_cap, &conn, &sha, "at_cap", true);
+    }
 
     // One appender awaiting each append through the store.
     let key = StreamKey::new("/bench/single").unwrap();
