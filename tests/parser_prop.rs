@@ -446,3 +446,52 @@ fn reference_agrees_with_hand_worked_examples() {
         b"data: x\r\n\r"
     );
 }
+
+/// Long lines that span chunks (the parser starts a long pending line's value
+/// on a cache-line boundary of its buffer): events, forwarded bytes and a
+/// re-parse agree with the reference for every field form, line ending and
+/// chunk size, with multi-byte and invalid UTF-8 inside.
+#[test]
+fn long_lines_spanning_chunks_agree_with_the_reference() {
+    let long = |unit: &str, len: usize| unit.repeat(len.div_ceil(unit.len())).into_bytes();
+    let streams: Vec<Vec<u8>> = vec![
+        [b"id: 1\ndata: ".as_slice(), &long("x", 5000), b"\n\n"].concat(),
+        [
+            b"data:".as_slice(),
+            &long("\u{e9}\u{20ac}x", 6000),
+            b"\r\ndata: short\r\n\r\n",
+        ]
+        .concat(),
+        [b": ".as_slice(), &long("c", 5000), b"\ndata: after\n\n"].concat(),
+        [b"event: ".as_slice(), &long("e", 5000), b"\ndata: y\n\n"].concat(),
+        [b"datax: ".as_slice(), &long("d", 9000), b"\ndata: z\n\n"].concat(),
+        [
+            b"id: 3\ndata: ".as_slice(),
+            &long("z", 40_000),
+            b"\xFF\xE2\x82",
+            &long("z", 30_000),
+            b"\r\r",
+        ]
+        .concat(),
+        [
+            b"data: a\n\nid: 4\ndata: ".as_slice(),
+            &long("0123456789", 20_000),
+            b"\ndata: ",
+            &long("9", 5000),
+            b"\n\n",
+        ]
+        .concat(),
+    ];
+    for input in &streams {
+        let want = reference(input);
+        for size in [1000, 4096, 4097, 4111, 16_384, 65_536] {
+            let cuts: Vec<usize> = (size..input.len()).step_by(size).collect();
+            check(input, &cuts, &want).unwrap();
+        }
+        // The first chunk ends at every offset around where the long line starts.
+        for first in 1..40.min(input.len()) {
+            let cuts: Vec<usize> = (first..input.len()).step_by(16_384).collect();
+            check(input, &cuts, &want).unwrap();
+        }
+    }
+}
