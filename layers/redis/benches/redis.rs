@@ -36,7 +36,9 @@ use criterion::{criterion_group, BenchmarkGroup, Criterion, Throughput};
 use http::{Request, Response};
 use http_body_util::{BodyExt, StreamBody};
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_sse::store::{now_unix_ms, EventStore, MemoryStore, Retention, StoredEvent};
+use tower_sse::store::{
+    now_unix_ms, EventStore, MemoryStore, ResumeOutcome, Retention, StoredEvent,
+};
 use tower_sse::{EventId, Registry, StreamKey};
 use tower_sse_dedup::DedupLayer;
 use tower_sse_persist::{PersistLayer, RedbStore};
@@ -398,6 +400,31 @@ fn appends(c: &mut Criterion) {
             })
         })
     });
+
+    // Resumes on a stream at its cap: the store has no index of event IDs and
+    // reads the log back from the newest entry (32, then 128, then 512 entries a call).
+    let resumes = open_store(&runtime, &url, &format!("{prefix}:resume"), CAP);
+    let key = StreamKey::new("/bench/resume").unwrap();
+    runtime.block_on(prefill(&resumes, &key));
+    group.throughput(Throughput::Elements(1));
+    for back in [10, CAP as u64 - 10] {
+        let cursor = EventId::from_u64(CAP as u64 - back);
+        let label = format!("resume {back} events back (resumes)");
+        group.bench_function(format!("resume_{back}_events_back"), |b| {
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let page = resumes.replay(&key, &cursor, 100).await.unwrap();
+                        assert_eq!(page.outcome, ResumeOutcome::Recovered);
+                    }
+                    let time = start.elapsed();
+                    record(&label, iters, time);
+                    time
+                })
+            })
+        });
+    }
     group.finish();
     runtime.block_on(delete_prefix(&mut conn, &prefix));
 }
@@ -619,6 +646,11 @@ fn summary() {
             pipelined / store,
             pipelined / raw
         );
+    }
+    for (name, _, _) in totals.iter().filter(|(n, _, _)| n.starts_with("resume ")) {
+        if let Some(r) = rate(name) {
+            println!("  {name:<44} {:>8.0} µs per resume", 1e6 / r);
+        }
     }
     // The bare body is chunks handed over unparsed: its cost is nil, so the
     // stack's rows are given as time per event rather than as a ratio to it.

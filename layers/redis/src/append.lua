@@ -4,21 +4,21 @@
 -- in KEYS order: its number of events k, then k times
 -- `seq, id, raw, entry` (entry: the log entry's ID, `seq-stored_at_ms`; the
 -- entry's one field is the event's ID, with the raw bytes as its value: a
--- trim reads two strings per entry). Events at or below a stream's last
+-- trim reads two strings per entry, a resume compares the field). Events at or below a stream's last
 -- sequence are skipped (a retried batch adds nothing).
 --
--- idx maps event IDs to their sequence numbers and, under field names that
--- start with NUL (which no event ID has), holds the stream's meta and cursor:
--- `\0m` is the meta: a format byte 1, then `bytes n ttl_at taken` as
+-- idx holds the stream's meta and cursor, under field names that start with
+-- NUL: `\0m` is the meta: a format byte 2, then `bytes n ttl_at` as
 -- little-endian doubles (the log's bytes and length; when the keys' TTL is
--- next refreshed, in ms, once it has run down by 1/64, not on every call; how
--- many log entries carry an ID that a later entry took over), then the last
--- sequence in decimal (binary, as parsing and formatting text took a fifth
--- of the script's time); `\0c` is the cursor. So an append reads one field and
--- writes it back with the new IDs: HGET, XADD, HSET per stream; at the cap
--- also an XRANGE of the oldest entries (their sizes and IDs) and an HDEL of
--- their IDs, the log being trimmed by the XADD itself (MINID). While `taken`
--- is 0, each trimmed entry's ID points at it and is deleted unread.
+-- next refreshed, in ms, once it has run down by 1/64, not on every call),
+-- then the last sequence in decimal (binary, as parsing and formatting text
+-- took a fifth of the script's time); `\0c` is the cursor, `\0e` the end.
+-- There is no index of event IDs: a resume finds its ID by reading the log
+-- from its newest entry back (the find script), which is rare, while an
+-- index costs every append a field in a large hash and every trim a
+-- deletion per entry. So an append is HGET, XADD, HSET per stream, the hash
+-- small; at the cap also an XRANGE of the oldest entries (their sizes), the
+-- log being trimmed by the XADD itself (MINID).
 --
 -- Trimming walks the entries Redis has marked deleted at the head of the
 -- log (up to a node's worth), so a large log is trimmed in slices: once it
@@ -28,29 +28,20 @@
 --
 -- A log lost while its idx stays (evicted; expired while cursor writes kept
 -- the idx) is noticed (XADD NOMKSTREAM, or no oldest entries to read) and
--- the stream starts from zero again, its stale IDs gone; an idx lost while
--- its log stays (evicted) drops the log too. Sequence numbers are compared
+-- the stream starts from zero again (its cursor and end kept); an idx lost
+-- while its log stays (evicted) drops the log too. Sequence numbers are compared
 -- as the decimal strings the client sent; counts and sums are doubles, exact
--- below 2^53. Work tables are reused across streams: a call allocates little.
+-- below 2^53. The work table is reused across streams: a call allocates little.
 local max_events, max_bytes, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
--- unpack() takes a bounded number of values: long argument lists go in slices.
+-- The most entries a trim reads at once.
 local STEP = 1000
-local M, C = '\0m', '\0c'
+local M = '\0m'
 
 -- a > b for canonical decimal strings.
 local function gt(a, b)
   local la, lb = #a, #b
   if la ~= lb then return la > lb end
   return a > b
-end
-
--- Calls cmd on key with list[1..len], in slices of `slice` values; the sum of the replies.
-local function sliced(cmd, key, list, len, slice)
-  local r = 0
-  for i = 1, len, slice do
-    r = r + redis.call(cmd, key, unpack(list, i, math.min(i + slice - 1, len)))
-  end
-  return r
 end
 
 local now = 0
@@ -61,8 +52,8 @@ end
 local pack, unpack_meta = struct.pack, struct.unpack
 
 -- The meta field's value (see the header).
-local function meta_of(last, bytes, n, ttl_at, taken)
-  return '\1' .. pack('<dddd', bytes, n, ttl_at, taken) .. last
+local function meta_of(last, bytes, n, ttl_at)
+  return '\2' .. pack('<ddd', bytes, n, ttl_at) .. last
 end
 local refresh_every = math.floor(ttl / 64)
 -- Where a trim leaves a log: 1% below the bounds, for large bounds.
@@ -70,9 +61,8 @@ local low_events, low_bytes = max_events, max_bytes
 if max_events >= 1000 then low_events = max_events - math.min(100, math.floor(max_events / 100)) end
 if max_bytes >= 1048576 then low_bytes = max_bytes - math.floor(max_bytes / 100) end
 
--- Reused per stream: new events' argument indexes; ID/seq pairs for idx;
--- trimmed entries' IDs and sequence numbers; IDs to forget.
-local fresh, pairs_, ids, seqs, stale = {}, {}, {}, {}, {}
+-- Reused per stream: new events' argument indexes.
+local fresh = {}
 
 local a = 4
 for s = 1, #KEYS, 2 do
@@ -82,11 +72,11 @@ for s = 1, #KEYS, 2 do
   local stop = a + 4 * (k == '1' and 1 or tonumber(k))
   a = stop + 1
   local meta = redis.call('HGET', idx, M)
-  local last, bytes, n, ttl_at, taken = '0', 0, 0, 0, 0
+  local last, bytes, n, ttl_at = '0', 0, 0, 0
   if meta then
-    if #meta > 33 and string.byte(meta, 1) == 1 then
-      bytes, n, ttl_at, taken = unpack_meta('<dddd', meta, 2)
-      last = string.sub(meta, 34)
+    if #meta > 25 and string.byte(meta, 1) == 2 then
+      bytes, n, ttl_at = unpack_meta('<ddd', meta, 2)
+      last = string.sub(meta, 26)
     else
       -- Unreadable: as if missing (the stream starts over).
       meta = nil
@@ -103,8 +93,8 @@ for s = 1, #KEYS, 2 do
     end
   end
   if nf > 0 then
-    -- Whether the idx was emptied (a lost log), the log created.
-    local wiped, created, cursor = false, false, nil
+    -- Whether the log was lost, whether it was created.
+    local wiped, created = false, false
     if not meta then
       -- A new stream, or one whose idx is gone: a log without it starts over.
       redis.call('DEL', log)
@@ -112,7 +102,7 @@ for s = 1, #KEYS, 2 do
     -- Trim plan: the oldest entries past the bounds (the newest one always
     -- stays), read a slice at a time; then the oldest new events.
     local total, sum = n + nf, bytes + added
-    local ni, minid = 0, nil
+    local minid = nil
     local kept, old = 1, n
     local from = '-'
     -- Past a bound: trim to the low marks.
@@ -125,19 +115,13 @@ for s = 1, #KEYS, 2 do
         if minid then break end
         -- The log is gone: it starts again with this call's events.
         wiped = true
-        total, sum, old, n, taken = nf, added, 0, 0, 0
+        total, sum, old, n = nf, added, 0, 0
       else
         for _, e in ipairs(oldest) do
           if not (total > 1 and (total > cap_n or sum > cap_b)) then break end
-          local f = e[2]
           -- One field: the event's ID, its raw bytes.
-          local oid, oraw = f[1], f[2] or ''
+          local oraw = e[2][2] or ''
           minid = e[1]
-          if oid then
-            ni = ni + 1
-            ids[ni] = oid
-            seqs[ni] = string.match(minid, '^(%d+)')
-          end
           sum = sum - #oraw
           total, old, n = total - 1, old - 1, n - 1
         end
@@ -154,29 +138,6 @@ for s = 1, #KEYS, 2 do
       -- its sequence and before (the entry ID's second part is a time).
       minid = string.format('%d', tonumber(string.match(minid, '^(%d+)')) + 1)
     end
-    if ni > 0 then
-      -- Forget an ID only if it still points at the trimmed entry; while no
-      -- entry's ID was taken over by a later one, each does.
-      local ns = ni
-      if taken > 0 then
-        ns = 0
-        for i = 1, ni, STEP do
-          local j = math.min(i + STEP - 1, ni)
-          local cur = redis.call('HMGET', idx, unpack(ids, i, j))
-          for x = i, j do
-            if cur[x - i + 1] == seqs[x] then
-              ns = ns + 1
-              stale[ns] = ids[x]
-            elseif taken > 0 then
-              taken = taken - 1
-            end
-          end
-        end
-        sliced('HDEL', idx, stale, ns, STEP)
-      else
-        sliced('HDEL', idx, ids, ni, STEP)
-      end
-    end
     -- Append the kept new events.
     for x = kept, nf do
       local i = fresh[x]
@@ -190,7 +151,7 @@ for s = 1, #KEYS, 2 do
         if not r then
           -- The log is gone (no trim was planned: its read would have seen
           -- that): it starts again with this call's kept events.
-          wiped, taken, n = true, 0, 0
+          wiped, n = true, 0
           sum = 0
           for y = kept, nf do sum = sum + #ARGV[fresh[y] + 2] end
           for y = kept, x - 1 do
@@ -201,47 +162,17 @@ for s = 1, #KEYS, 2 do
         end
       end
       if not r then
-        if wiped and not created then
-          -- The lost log's IDs point at nothing: the idx starts over too (cursor kept).
-          cursor = redis.call('HGET', idx, C)
-          redis.call('DEL', idx)
-        end
         redis.call('XADD', log, ARGV[i + 3], ARGV[i + 1], ARGV[i + 2])
         created = true
       end
       n = n + 1
     end
-    -- The new IDs, the meta (and a wiped idx's cursor), in one HSET.
-    local np = 0
-    for x = kept, nf do
-      local i = fresh[x]
-      pairs_[np + 1] = ARGV[i + 1]
-      pairs_[np + 2] = ARGV[i]
-      np = np + 2
-    end
-    local written = np / 2
     if ttl > 0 and (created or ttl_at <= now) then
       ttl_at = now + refresh_every
     else
       created = false
     end
-    pairs_[np + 1] = M
-    pairs_[np + 2] = meta_of(last, sum, n, ttl_at, taken)
-    np = np + 2
-    local meta_new = (meta and not wiped) and 0 or 1
-    if cursor then
-      pairs_[np + 1] = C
-      pairs_[np + 2] = cursor
-      np = np + 2
-      meta_new = meta_new + 1
-    end
-    local new_fields = sliced('HSET', idx, pairs_, np, 2 * STEP)
-    -- Each new event whose ID idx had already (or an earlier one in this
-    -- call) took it over from an older entry.
-    local took = written - (new_fields - meta_new)
-    if took > 0 then
-      redis.call('HSET', idx, M, meta_of(last, sum, n, ttl_at, taken + took))
-    end
+    redis.call('HSET', idx, M, meta_of(last, sum, n, ttl_at))
     if created then
       -- Also when the TTL ran down by 1/64.
       redis.call('PEXPIRE', log, ttl)

@@ -9,19 +9,27 @@
 //! # Layout
 //!
 //! With prefix `p` (default `tower-sse`) and a stream key `k`, the keys are
-//! `p:{h}:v3:log` (a Redis Stream: entry `seq-t`, `t` the time it was stored
+//! `p:{h}:v4:log` (a Redis Stream: entry `seq-t`, `t` the time it was stored
 //! in ms, with one field: the event's ID, its wire bytes as the value)
-//! and `p:{h}:v3:idx` (hash: event ID → seq; and, under field names starting
-//! with NUL, which no event ID has, `\0m`: the meta, binary, see the append
-//! script; `\0c`: the cursor; `\0e`: the sequence after which the upstream
-//! last ended, [`EventStore::end`]), where `h` is the hex encoding of the
-//! length-prefixed session and resource of `k`. `v3` is the key format:
+//! and `p:{h}:v4:idx` (a small hash, under field names starting with NUL,
+//! which no event ID has: `\0m`: the meta, binary, see the append script;
+//! `\0c`: the cursor; `\0e`: the sequence after which the upstream last
+//! ended, [`EventStore::end`]), where `h` is the hex encoding of the
+//! length-prefixed session and resource of `k`. `v4` is the key format:
 //! another format's keys are not read (a store of this version starts with
 //! empty histories next to them, and they expire). Hex keeps any
 //! user-supplied key — with `:`, `*`, `{`, `}`, newlines, 10 KiB long —
 //! inside its own namespace and its own cluster hash slot; keys are bounded
 //! because stream keys are (4 KiB resource, 256-byte session). `p:epoch`
 //! holds the store's epoch.
+//!
+//! There is no index of event IDs. A resume finds its `Last-Event-ID` by
+//! reading the log back from the newest entry: 32 entries in a first script
+//! call (a recent cursor takes one call), then 128 and up to 512 a call (no
+//! call holds Redis long); the
+//! newest entry with that ID counts. An index would cost every append a field
+//! in a large hash and every trim a deletion per entry: without it, appends
+//! at the retention cap ran 10–13% faster (see the README).
 //!
 //! # Leases and live tail
 //!
@@ -40,7 +48,7 @@
 //! Appends and cursor updates go to one writer task through a bounded queue;
 //! it drains what is queued and sends it as **one pipeline**: one Lua script
 //! call (`EVALSHA`) carries the events of all the batch's streams (up to 2,048
-//! events a call; a stream's events are never split), appending, indexing and
+//! events a call; a stream's events are never split), appending, recording the meta and
 //! trimming each stream atomically; cursor writes are coalesced per stream.
 //! (One call spans several streams' hash slots: fine on a standalone Redis or
 //! a primary with replicas, which is what the store connects to.) Appends are
@@ -99,10 +107,29 @@ const APPEND: &str = include_str!("append.lua");
 /// its whole run); one stream's events are never split across calls.
 const EVENTS_PER_CALL: usize = 2048;
 
-/// The suffixes of a stream's log and idx keys (format `v3`: the meta lives in
-/// idx, binary; `v2` kept it as text).
-const LOG: &str = "v3:log";
-const IDX: &str = "v3:idx";
+/// The suffixes of a stream's log and idx keys (format `v4`: no index of
+/// event IDs; `v3` kept one in idx).
+const LOG: &str = "v4:log";
+const IDX: &str = "v4:idx";
+
+/// Finds the newest entry whose event ID is `ARGV[1]`, reading the log
+/// (`KEYS[1]`) back from `ARGV[2]` (`+`, or `(entry` to go on), at most
+/// `ARGV[3]` entries a call: `{1, entry}` when found, `{2, (entry}` to go on
+/// with, `{0}` when the log holds no such ID.
+const FIND: &str = r"
+local page = redis.call('XREVRANGE', KEYS[1], ARGV[2], '-', 'COUNT', ARGV[3])
+for _, e in ipairs(page) do
+  if e[2][1] == ARGV[1] then return {1, e[1]} end
+end
+if #page < tonumber(ARGV[3]) then return {0} end
+return {2, '(' .. page[#page][1]}
+";
+
+/// Entries a resume reads in its first call of [`FIND`] (a recent cursor,
+/// the common case, is found in it), then four times as many a call, up to
+/// [`FIND_PAGE_MAX`], so that no call holds Redis for long.
+const FIND_PAGE: usize = 32;
+const FIND_PAGE_MAX: usize = 512;
 
 /// The idx fields of the meta and of the cursor.
 const META_FIELD: &[u8] = b"\0m";
@@ -443,6 +470,12 @@ pub(crate) fn entry_id(e: &StoredEvent) -> String {
 /// of later sequences.
 pub(crate) fn last_entry_id_of(seq: u64) -> String {
     format!("{seq}-{}", u64::MAX)
+}
+
+/// The sequence of a log entry ID, `seq-stored_at_ms`.
+fn seq_of_entry(entry: &[u8]) -> Option<u64> {
+    let (seq, _) = std::str::from_utf8(entry).ok()?.split_once('-')?;
+    seq.parse().ok()
 }
 
 /// Parses XRANGE entries into stored events.
@@ -800,12 +833,12 @@ fn pipeline_of(shared: &Shared, batch: &[Pending], load_script: bool) -> redis::
     pipe
 }
 
-/// The last sequence in a stream's meta: byte 1, four doubles, then the
+/// The last sequence in a stream's meta: byte 2, three doubles, then the
 /// sequence in decimal (written by the append script). None if unreadable,
 /// which the script also treats as a stream starting over.
 fn last_seq_of_meta(meta: &[u8]) -> Option<u64> {
-    match meta.split_at_checked(33)? {
-        ([1, ..], last) => std::str::from_utf8(last).ok()?.parse().ok(),
+    match meta.split_at_checked(25)? {
+        ([2, ..], last) => std::str::from_utf8(last).ok()?.parse().ok(),
         _ => None,
     }
 }
@@ -834,20 +867,44 @@ impl EventStore for RedisStore {
     ) -> BoxFuture<'a, Result<ReplayPage, StoreError>> {
         Box::pin(async move {
             let log = self.shared.key(key, LOG);
-            let mut pipe = redis::pipe();
-            pipe.cmd("HGET")
-                .arg(self.shared.key(key, IDX))
-                .arg(after.as_bytes());
+            // The cursor's entry, read back from the newest a page at a time
+            // (with the oldest entry, for the answer when it is not there).
+            let find = |from: &str, page: usize| {
+                let mut pipe = redis::pipe();
+                pipe.cmd("EVAL")
+                    .arg(FIND)
+                    .arg(1)
+                    .arg(&log)
+                    .arg(after.as_bytes())
+                    .arg(from)
+                    .arg(page);
+                pipe
+            };
+            let mut page = FIND_PAGE;
+            let mut pipe = find("+", page);
             pipe.cmd("XRANGE")
                 .arg(&log)
                 .arg("-")
                 .arg("+")
                 .arg("COUNT")
                 .arg(1);
-            let replies = self.query(pipe).await?;
-            let seq = replies.first().and_then(u64_of);
+            let mut replies = self.query(pipe).await?;
+            let oldest = replies.get(1).map(entries).unwrap_or_default();
+            let seq = loop {
+                let Some(Value::Array(found)) = replies.first() else {
+                    break None;
+                };
+                match (found.first(), found.get(1).and_then(bytes_of)) {
+                    (Some(Value::Int(1)), Some(entry)) => break seq_of_entry(entry),
+                    (Some(Value::Int(2)), Some(next)) => {
+                        let next = String::from_utf8_lossy(next).into_owned();
+                        page = (page * 4).min(FIND_PAGE_MAX);
+                        replies = self.query(find(&next, page)).await?;
+                    }
+                    _ => break None,
+                }
+            };
             let Some(seq) = seq else {
-                let oldest = replies.get(1).map(entries).unwrap_or_default();
                 return Ok(ReplayPage {
                     outcome: classify_missing(&self.shared.epoch, after, oldest.first()),
                     events: Vec::new(),

@@ -311,10 +311,7 @@ async fn a_log_lost_without_its_meta_does_not_skew_byte_retention() {
             .outcome,
         ResumeOutcome::Recovered
     );
-    assert_eq!(
-        idx_len_and_bytes(&mut conn, &store, &key).await,
-        (3, raw_len * 3)
-    );
+    assert_eq!(log_bytes(&mut conn, &store, &key).await, raw_len * 3);
     assert_eq!(
         store.cursor(&key).await.unwrap(),
         Some(EventId::from_u64(4))
@@ -333,10 +330,7 @@ async fn a_log_lost_without_its_meta_does_not_skew_byte_retention() {
         (12..=15).map(EventId::from_u64).collect::<Vec<_>>()
     );
     assert_eq!(store.last_seq(&key).await.unwrap(), 15);
-    assert_eq!(
-        idx_len_and_bytes(&mut conn, &store, &key).await,
-        (4, (raw_len + 1) * 4)
-    );
+    assert_eq!(log_bytes(&mut conn, &store, &key).await, (raw_len + 1) * 4);
     assert_eq!(
         store.cursor(&key).await.unwrap(),
         Some(EventId::from_u64(4))
@@ -367,20 +361,20 @@ async fn a_cursor_written_before_the_first_event_stays() {
     let bytes: u64 = (1..=3)
         .map(|n| ev(n, &n.to_string(), "x").raw.len() as u64)
         .sum();
-    assert_eq!(idx_len_and_bytes(&mut conn, &store, &key).await, (3, bytes));
+    assert_eq!(log_bytes(&mut conn, &store, &key).await, bytes);
     // Clearing the cursor leaves the rest alone.
     store.set_cursor(&key, None).await.unwrap();
     assert_eq!(store.cursor(&key).await.unwrap(), None);
     assert_eq!(store.last_seq(&key).await.unwrap(), 3);
-    assert_eq!(idx_len_and_bytes(&mut conn, &store, &key).await, (3, bytes));
+    assert_eq!(log_bytes(&mut conn, &store, &key).await, bytes);
 }
 
 /// Event IDs reused at the cap, one or several events per append, and
-/// batches retried: after every append the index holds exactly the kept
-/// events' IDs, each pointing at its latest kept entry, and the meta's bytes,
-/// length and count of taken-over entries are the log's.
+/// batches retried: after every append each kept ID resumes after its latest
+/// kept entry, an ID whose entries are all trimmed resumes nowhere, and the
+/// meta's bytes and length are the log's.
 #[tokio::test]
-async fn reused_ids_and_retried_batches_at_the_cap_keep_the_index_exact() {
+async fn reused_ids_and_retried_batches_at_the_cap_resume_after_their_latest_entry() {
     let Some(url) = redis_url() else { return };
     let cap = 5;
     let store = open_store(
@@ -417,21 +411,9 @@ async fn reused_ids_and_retried_batches_at_the_cap_keep_the_index_exact() {
             "round {round}"
         );
         let bytes: u64 = kept.iter().map(|&n| event(n).raw.len() as u64).sum();
-        let distinct = {
-            let mut ids: Vec<&str> = kept.iter().map(|&n| id_of(n)).collect();
-            ids.sort_unstable();
-            ids.dedup();
-            ids.len() as u64
-        };
         assert_eq!(
-            idx_len_and_bytes(&mut conn, &store, &key).await,
-            (distinct, bytes),
-            "round {round}"
-        );
-        let taken = kept.len() as u64 - distinct;
-        assert_eq!(
-            meta(&mut conn, &store, &key).await[4],
-            taken,
+            log_bytes(&mut conn, &store, &key).await,
+            bytes,
             "round {round}"
         );
         for id in ["a", "b", "c", "d", "e", "f", "g"] {
@@ -454,57 +436,60 @@ async fn reused_ids_and_retried_batches_at_the_cap_keep_the_index_exact() {
     }
 }
 
-/// A stream's meta (`last_seq bytes n ttl_at taken`, the `\0m` field of its
-/// idx: byte 1, then `bytes n ttl_at taken` as little-endian doubles, then
-/// `last_seq` in decimal), read from Redis itself.
+/// A stream's meta (`last_seq bytes n ttl_at`, the `\0m` field of its idx:
+/// byte 2, then `bytes n ttl_at` as little-endian doubles, then `last_seq`
+/// in decimal), read from Redis itself.
 async fn meta(
     conn: &mut redis::aio::MultiplexedConnection,
     store: &RedisStore,
     key: &StreamKey,
-) -> [u64; 5] {
+) -> [u64; 4] {
     let meta: Vec<u8> = redis::cmd("HGET")
         .arg(store.redis_key(key, "idx"))
         .arg("\0m")
         .query_async(conn)
         .await
         .unwrap();
-    assert_eq!(meta[0], 1, "the meta's format");
+    assert_eq!(meta[0], 2, "the meta's format");
     let double = |i: usize| {
         let at = 1 + 8 * i;
         let value = f64::from_le_bytes(meta[at..at + 8].try_into().unwrap());
         assert_eq!(value.fract(), 0.0, "a count is whole");
         value as u64
     };
-    let last = std::str::from_utf8(&meta[33..]).unwrap().parse().unwrap();
-    [last, double(0), double(1), double(2), double(3)]
+    let last = std::str::from_utf8(&meta[25..]).unwrap().parse().unwrap();
+    [last, double(0), double(1), double(2)]
 }
 
-/// The event IDs in a stream's idx (its fields other than the NUL-named meta
-/// and cursor) and its meta `bytes`, read from Redis itself; checks that the
-/// meta's length is the log's.
-async fn idx_len_and_bytes(
+/// A stream's meta `bytes`, read from Redis itself; checks that the meta's
+/// length is the log's, and that the idx holds only its NUL-named fields (no
+/// index of event IDs grows with the log).
+async fn log_bytes(
     conn: &mut redis::aio::MultiplexedConnection,
     store: &RedisStore,
     key: &StreamKey,
-) -> (u64, u64) {
+) -> u64 {
     let fields: Vec<Vec<u8>> = redis::cmd("HKEYS")
         .arg(store.redis_key(key, "idx"))
         .query_async(conn)
         .await
         .unwrap();
-    let ids = fields.iter().filter(|f| f.first() != Some(&0)).count() as u64;
-    let [_, bytes, n, _, _] = meta(conn, store, key).await;
+    assert!(
+        fields.iter().all(|f| f.first() == Some(&0)),
+        "idx holds only the meta, cursor and end"
+    );
+    let [_, bytes, n, _] = meta(conn, store, key).await;
     let len: u64 = redis::cmd("XLEN")
         .arg(store.redis_key(key, "log"))
         .query_async(conn)
         .await
         .unwrap();
     assert_eq!(n, len, "the meta's length is the log's");
-    (ids, bytes)
+    bytes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_streams_batched_together_keep_exact_retention_and_index() {
+async fn concurrent_streams_batched_together_keep_exact_retention_and_resumes() {
     let Some(url) = redis_url() else { return };
     let store = Arc::new(
         open_store(
@@ -555,14 +540,15 @@ async fn concurrent_streams_batched_together_keep_exact_retention_and_index() {
             page.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
             (61..=150).collect::<Vec<_>>()
         );
-        // Every trimmed ID left the index; the byte count is the log's.
+        // A trimmed ID resumes nowhere; the byte count is the log's.
+        assert_ne!(
+            store.replay(&key, &id(50), 10).await.unwrap().outcome,
+            ResumeOutcome::Recovered
+        );
         let kept: u64 = (51..=150)
             .map(|n| ev(n, &format!("{s}-{n}"), "x").raw.len() as u64)
             .sum();
-        assert_eq!(
-            idx_len_and_bytes(&mut conn, &store, &key).await,
-            (100, kept)
-        );
+        assert_eq!(log_bytes(&mut conn, &store, &key).await, kept);
     }
 }
 
@@ -630,8 +616,7 @@ async fn a_large_append_trims_in_slices_and_keeps_reused_ids() {
             .outcome,
         ResumeOutcome::Expired
     );
-    let (len, _) = idx_len_and_bytes(&mut conn, &store, &key).await;
-    assert_eq!(len, 100);
+    log_bytes(&mut conn, &store, &key).await;
     assert_eq!(
         store.recent_ids(&small, 10).await.unwrap(),
         ["s1", "s2"].map(|s| EventId::new(s).unwrap())
@@ -667,10 +652,7 @@ async fn a_large_append_trims_in_slices_and_keeps_reused_ids() {
             .map(|n| EventId::new(two_digits(n)).unwrap())
             .collect::<Vec<_>>()
     );
-    assert_eq!(
-        idx_len_and_bytes(&mut conn, &bytes_store, &key).await,
-        (10, raw_len * 10)
-    );
+    assert_eq!(log_bytes(&mut conn, &bytes_store, &key).await, raw_len * 10);
 }
 
 #[tokio::test]
@@ -726,8 +708,8 @@ async fn keys_get_their_ttl_also_when_the_log_is_recreated() {
     );
     assert_eq!(store.last_seq(&key).await.unwrap(), 5);
     assert_eq!(
-        idx_len_and_bytes(&mut conn, &store, &key).await,
-        (1, ev(5, "5", "x").raw.len() as u64)
+        log_bytes(&mut conn, &store, &key).await,
+        ev(5, "5", "x").raw.len() as u64
     );
     let third = ttls(&mut conn).await;
     assert!(in_range(&third), "{third:?}");
@@ -805,8 +787,8 @@ async fn large_bounds_trim_in_slices_never_above_the_bound() {
         assert!(kept.len() as u64 <= cap);
         let bytes: u64 = kept.iter().map(|&n| event(n).raw.len() as u64).sum();
         assert_eq!(
-            idx_len_and_bytes(&mut conn, &store, &key).await,
-            (kept.len() as u64, bytes),
+            log_bytes(&mut conn, &store, &key).await,
+            bytes,
             "after {seq}"
         );
         let page = store
@@ -830,4 +812,54 @@ async fn large_bounds_trim_in_slices_never_above_the_bound() {
         assert_ne!(gone.outcome, ResumeOutcome::Recovered, "after {seq}");
     }
     assert_eq!(slices, 3, "25 appends past the bound: a slice every 11");
+}
+
+/// A resume reads the log back from its newest entry, a growing page at a
+/// time: a cursor deep in the log is found across pages, and of an ID that
+/// occurs twice, the newer entry counts.
+#[tokio::test]
+async fn a_resume_finds_its_cursor_deep_in_the_log_and_the_newest_of_a_reused_id() {
+    let Some(url) = redis_url() else { return };
+    let store = open_store(
+        &url,
+        "deep",
+        Retention {
+            max_events: 2_000,
+            ..Retention::default()
+        },
+    )
+    .await;
+    let key = StreamKey::new("/deep").unwrap();
+    let id = |n: u64| match n {
+        100 | 1_000 => "twice".to_owned(),
+        n => format!("e-{n}"),
+    };
+    store
+        .append(&key, (1..=1_500).map(|n| ev(n, &id(n), "x")).collect())
+        .await
+        .unwrap();
+    let seqs = |page: tower_sse::store::ReplayPage| {
+        assert_eq!(page.outcome, ResumeOutcome::Recovered);
+        page.events.iter().map(|e| e.seq).collect::<Vec<_>>()
+    };
+    let resume = |cursor: String| {
+        let store = &store;
+        let key = &key;
+        async move {
+            store
+                .replay(key, &EventId::new(cursor).unwrap(), 3)
+                .await
+                .unwrap()
+        }
+    };
+    // Found in the first call (32 entries back at most), the third (500
+    // back) and the fourth (1,495 back); an ID the log does not hold: none.
+    assert_eq!(seqs(resume("e-1490".into()).await), [1491, 1492, 1493]);
+    assert_eq!(seqs(resume("twice".into()).await), [1001, 1002, 1003]);
+    assert_eq!(seqs(resume("e-5".into()).await), [6, 7, 8]);
+    assert_eq!(seqs(resume("e-1500".into()).await), Vec::<u64>::new());
+    assert_ne!(
+        resume("e-1501".into()).await.outcome,
+        ResumeOutcome::Recovered
+    );
 }
