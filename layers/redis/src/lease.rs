@@ -6,7 +6,7 @@
 //! scripts that compare the value first, so only the holder can do either. A
 //! holder that dies loses it when the TTL runs out.
 //!
-//! **Tail.** `XREAD BLOCK ms COUNT n STREAMS p:{h}:v3:log <seq>-<u64::MAX>` (after every
+//! **Tail.** `XREAD BLOCK ms COUNT n STREAMS p:{h}:v4:log <seq>-<u64::MAX>` (after every
 //! entry of that sequence) on a connection of its own: the store's
 //! [`ConnectionManager`](redis::aio::ConnectionManager)
 //! multiplexes every command, so a blocking read on it would stall them all.
