@@ -26,10 +26,10 @@
 //! There is no index of event IDs. A resume finds its `Last-Event-ID` by
 //! reading the log back from the newest entry: 32 entries in a first script
 //! call (a recent cursor takes one call), then 128 and up to 512 a call (no
-//! call holds Redis long); the
-//! newest entry with that ID counts. An index would cost every append a field
-//! in a large hash and every trim a deletion per entry: without it, appends
-//! at the retention cap ran 10–13% faster (see the README).
+//! call holds Redis long); the newest entry with that ID counts. An index
+//! would cost every append a field in a large hash and every trim a deletion
+//! per entry: without it, appends at the retention cap ran 10–13% faster
+//! (see the README).
 //!
 //! # Leases and live tail
 //!
@@ -48,8 +48,9 @@
 //! Appends and cursor updates go to one writer task through a bounded queue;
 //! it drains what is queued and sends it as **one pipeline**: one Lua script
 //! call (`EVALSHA`) carries the events of all the batch's streams (up to 2,048
-//! events a call; a stream's events are never split), appending, recording the meta and
-//! trimming each stream atomically; cursor writes are coalesced per stream.
+//! events a call; a stream's events are never split), appending, updating the
+//! meta and trimming each stream atomically; cursor writes are coalesced per
+//! stream.
 //! (One call spans several streams' hash slots: fine on a standalone Redis or
 //! a primary with replicas, which is what the store connects to.) Appends are
 //! idempotent (a sequence number at or below the stream's last is skipped), so
