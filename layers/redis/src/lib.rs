@@ -473,10 +473,11 @@ pub(crate) fn last_entry_id_of(seq: u64) -> String {
     format!("{seq}-{}", u64::MAX)
 }
 
-/// The sequence of a log entry ID, `seq-stored_at_ms`.
-fn seq_of_entry(entry: &[u8]) -> Option<u64> {
-    let (seq, _) = std::str::from_utf8(entry).ok()?.split_once('-')?;
-    seq.parse().ok()
+/// The sequence and store time of a log entry ID, `seq-stored_at_ms` (the
+/// inverse of [`entry_id`]).
+fn entry_id_parts(entry: &[u8]) -> Option<(u64, u64)> {
+    let (seq, t) = std::str::from_utf8(entry).ok()?.split_once('-')?;
+    Some((seq.parse().ok()?, t.parse().ok()?))
 }
 
 /// Parses XRANGE entries into stored events.
@@ -491,9 +492,7 @@ fn entries(v: &Value) -> Vec<StoredEvent> {
                 return None;
             };
             // Entry `seq-stored_at_ms`, one field: the event ID, its raw bytes.
-            let (seq, t) = std::str::from_utf8(bytes_of(pair.first()?)?)
-                .ok()?
-                .split_once('-')?;
+            let (seq, stored_at_ms) = entry_id_parts(bytes_of(pair.first()?)?)?;
             let (id, raw) = match pair.get(1)? {
                 Value::Array(f) => (f.first()?, f.get(1)?),
                 Value::Map(m) => {
@@ -503,10 +502,10 @@ fn entries(v: &Value) -> Vec<StoredEvent> {
                 _ => return None,
             };
             Some(StoredEvent {
-                seq: seq.parse().ok()?,
+                seq,
                 id: EventId::new(Bytes::copy_from_slice(bytes_of(id)?)).ok()?,
                 raw: Bytes::copy_from_slice(bytes_of(raw)?),
-                stored_at_ms: t.parse().ok()?,
+                stored_at_ms,
             })
         })
         .collect()
@@ -896,7 +895,9 @@ impl EventStore for RedisStore {
                     break None;
                 };
                 match (found.first(), found.get(1).and_then(bytes_of)) {
-                    (Some(Value::Int(1)), Some(entry)) => break seq_of_entry(entry),
+                    (Some(Value::Int(1)), Some(entry)) => {
+                        break entry_id_parts(entry).map(|(seq, _)| seq)
+                    }
                     (Some(Value::Int(2)), Some(next)) => {
                         let next = String::from_utf8_lossy(next).into_owned();
                         page = (page * 4).min(FIND_PAGE_MAX);
