@@ -345,9 +345,93 @@ pub fn classify_missing(
     ResumeOutcome::UnknownCursor
 }
 
+/// A log's events, oldest first, in chunks of at most [`CHUNK`] slots.
+///
+/// Trimming gives a chunk back as soon as its last event goes, so a log holds
+/// at most one partly used chunk at each end beyond its events however long
+/// it once was, and neither an append nor a trim ever moves the events held
+/// (one growing buffer would copy them all each time it doubled, and keep
+/// its high-water size after a trim).
+#[derive(Default)]
+struct Slots {
+    chunks: VecDeque<VecDeque<StoredEvent>>,
+    len: usize,
+    /// The chunks' slots in all.
+    slots: usize,
+}
+
+/// The most slots of a chunk; a log's first chunks are smaller, sized to
+/// what it holds, so that a stream of a few events keeps a few slots.
+const CHUNK: usize = 64;
+
+impl Slots {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push_back(&mut self, ev: StoredEvent) {
+        let chunk = match self.chunks.back_mut() {
+            Some(chunk) if chunk.len() < chunk.capacity() => chunk,
+            _ => {
+                let chunk = VecDeque::with_capacity(self.len.clamp(4, CHUNK));
+                self.slots += chunk.capacity();
+                self.chunks.push_back(chunk);
+                self.chunks.back_mut().expect("pushed")
+            }
+        };
+        chunk.push_back(ev);
+        self.len += 1;
+    }
+
+    /// The oldest event, and the slots freed with it (its chunk's, when it
+    /// was the chunk's last).
+    fn pop_front(&mut self) -> Option<(StoredEvent, usize)> {
+        let chunk = self.chunks.front_mut()?;
+        let ev = chunk.pop_front()?;
+        self.len -= 1;
+        let mut freed = 0;
+        if chunk.is_empty() {
+            freed = chunk.capacity();
+            self.slots -= freed;
+            self.chunks.pop_front();
+            if self.chunks.capacity() > 4 * self.chunks.len().max(4) {
+                self.chunks.shrink_to(2 * self.chunks.len());
+            }
+        }
+        Some((ev, freed))
+    }
+
+    fn front(&self) -> Option<&StoredEvent> {
+        self.chunks.front().and_then(VecDeque::front)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &StoredEvent> {
+        self.chunks.iter().flatten()
+    }
+
+    /// The first event `before` is false of, where it is true of every
+    /// event before that one and false of every one after (a binary search).
+    fn first_not(&self, before: impl Fn(&StoredEvent) -> bool) -> Option<&StoredEvent> {
+        let i = self
+            .chunks
+            .partition_point(|c| c.back().is_some_and(&before));
+        let chunk = self.chunks.get(i)?;
+        chunk.get(chunk.partition_point(&before))
+    }
+
+    /// The memory of the slots and of the chunk list.
+    fn memory(&self) -> usize {
+        self.slots * SLOT + self.chunks.capacity() * std::mem::size_of::<VecDeque<StoredEvent>>()
+    }
+}
+
 #[derive(Default)]
 struct Log {
-    events: VecDeque<StoredEvent>,
+    events: Slots,
     order: Order,
     bytes: u64,
     cursor: Option<EventId>,
@@ -411,12 +495,13 @@ impl Log {
         self.events.push_back(ev);
     }
 
-    /// Drops the oldest event; returns the memory it was accounted ([`accounted`]).
+    /// Drops the oldest event; returns the memory that frees: its bytes, and
+    /// its chunk's slots when it was the chunk's last.
     fn trim_front(&mut self) -> u64 {
         let mut freed = 0;
-        if let Some(old) = self.events.pop_front() {
+        if let Some((old, slots)) = self.events.pop_front() {
             self.bytes -= old.raw.len() as u64;
-            freed = accounted(&old);
+            freed = (old.raw.len() + slots * SLOT) as u64;
             if let Order::Indexed(index) = &mut self.order {
                 if index.get(&old.id) == Some(&old.seq) {
                     index.remove(&old.id);
@@ -429,9 +514,24 @@ impl Log {
         freed
     }
 
-    /// The memory this log's events are accounted ([`accounted`]).
+    /// Gives back the ID index's spare room once at most a quarter is in
+    /// use, keeping twice what is.
+    fn compact(&mut self) {
+        if let Order::Indexed(index) = &mut self.order {
+            if index.capacity() > 4 * index.len().max(MIN_SLOTS) {
+                index.shrink_to(2 * index.len());
+            }
+        }
+    }
+
+    /// The memory this log is accounted: its events' bytes, its slots (spare
+    /// ones included) and its ID index, if it has one.
     fn accounted(&self) -> u64 {
-        self.bytes + (self.events.len() * EVENT_OVERHEAD) as u64
+        let index = match &self.order {
+            Order::Indexed(index) => index.capacity() * INDEX_SLOT,
+            Order::Sequential { .. } => 0,
+        };
+        self.bytes + (self.events.memory() + index) as u64
     }
 
     /// The store sequence of the newest event carrying `id`.
@@ -444,29 +544,34 @@ impl Log {
                     return None;
                 }
                 let number = |e: &StoredEvent| e.id.sequence().map_or(0, |(_, m)| m);
-                let i = self.events.partition_point(|e| number(e) < n);
-                self.events.get(i).filter(|e| e.id == *id).map(|e| e.seq)
+                self.events
+                    .first_not(|e| number(e) < n)
+                    .filter(|e| e.id == *id)
+                    .map(|e| e.seq)
             }
         }
     }
 }
 
-/// What an event held in the memory store is accounted besides its bytes:
-/// its entry in the stream's log, rounded up for the log's spare room.
-const EVENT_OVERHEAD: usize = 2 * std::mem::size_of::<StoredEvent>();
+/// The memory of one slot of a stream's log.
+const SLOT: usize = std::mem::size_of::<StoredEvent>();
 
-/// The memory an event held in the memory store is accounted.
-fn accounted(ev: &StoredEvent) -> u64 {
-    (ev.raw.len() + EVENT_OVERHEAD) as u64
-}
+/// The memory of one entry of a log's ID index (with its control byte).
+const INDEX_SLOT: usize = std::mem::size_of::<(EventId, u64)>() + 1;
+
+/// Entries an ID index keeps however few IDs it holds.
+const MIN_SLOTS: usize = 8;
 
 /// A bounded in-memory store. Its epoch is new in every process, so cursors
 /// from before a restart are reported as [`ResumeOutcome::OtherEpoch`] (minted
 /// IDs) or [`ResumeOutcome::UnknownCursor`].
 ///
 /// Besides each stream's [`Retention`], the whole store holds at most
-/// [`max_total_bytes`](Self::max_total_bytes) (default 256 MiB; an event is
-/// accounted its bytes plus a fixed overhead for its log entry): an append
+/// [`max_total_bytes`](Self::max_total_bytes) (default 256 MiB, accounting
+/// the events' bytes, the slots of each stream's log, spare ones included,
+/// and any ID index; a log gives back its spare slots once three quarters
+/// are unused, so a stream that was long once holds no more than it
+/// is accounted): an append
 /// that crosses the budget trims every stream's oldest events, each stream in
 /// proportion to what it holds, down to 90% of the budget. Each stream keeps
 /// at least its newest event, so the store may exceed the budget by one event
@@ -530,12 +635,14 @@ impl Streams {
         let total = self.held as u128;
         for log in self.logs.values_mut() {
             // This stream's share of the excess, rounded up.
-            let share = (log.accounted() as u128 * excess as u128).div_ceil(total) as u64;
+            let before = log.accounted();
+            let share = (before as u128 * excess as u128).div_ceil(total) as u64;
             let mut freed = 0;
             while freed < share && log.events.len() > 1 {
                 freed += log.trim_front();
             }
-            self.held -= freed;
+            log.compact();
+            self.held = self.held - before + log.accounted();
         }
         self.floor = if self.held > target { self.held } else { 0 };
     }
@@ -593,8 +700,8 @@ impl MemoryStore {
         self
     }
 
-    /// What the store's events are accounted in all: their bytes plus a fixed
-    /// overhead per event.
+    /// What the store's events are accounted in all: their bytes, the slots
+    /// of the streams' logs (spare ones included) and any ID index.
     pub fn total_bytes(&self) -> u64 {
         lock(&self.streams).held
     }
@@ -634,18 +741,19 @@ impl EventStore for MemoryStore {
                 }
                 std::collections::hash_map::Entry::Vacant(e) => e.insert(Log::default()),
             };
-            let mut held = streams.held;
+            let before = log.accounted();
             for ev in events {
                 log.last_seq = log.last_seq.max(ev.seq);
                 log.touched_ms = ev.stored_at_ms;
-                held += accounted(&ev);
                 log.push(ev);
                 while log.events.len() > self.retention.max_events
                     || (log.bytes > self.retention.max_bytes && log.events.len() > 1)
                 {
-                    held -= log.trim_front();
+                    log.trim_front();
                 }
             }
+            log.compact();
+            let held = streams.held - before + log.accounted();
             streams.held = held;
             let slack = self.max_total_bytes / 10;
             if held > self.max_total_bytes && held > streams.floor.saturating_add(slack) {
@@ -735,14 +843,21 @@ impl EventStore for MemoryStore {
             let mut guard = lock(&self.streams);
             let streams = &mut *guard;
             for log in streams.logs.values_mut() {
+                let before = log.accounted();
                 while log.events.front().is_some_and(|e| e.stored_at_ms < cutoff) {
-                    streams.held -= log.trim_front();
+                    log.trim_front();
                     deleted += 1;
                 }
+                log.compact();
+                streams.held = streams.held - before + log.accounted();
             }
-            streams
-                .logs
-                .retain(|_, l| !l.events.is_empty() || l.touched_ms >= cutoff);
+            streams.logs.retain(|_, l| {
+                let keep = !l.events.is_empty() || l.touched_ms >= cutoff;
+                if !keep {
+                    streams.held -= l.accounted();
+                }
+                keep
+            });
         }
         Box::pin(async move { Ok(deleted) })
     }
@@ -800,14 +915,7 @@ mod tests {
         }
         assert!(peak <= BUDGET, "peak {peak} over the budget {BUDGET}");
         // What the accounting says is what the streams hold.
-        let held: u64 = keys
-            .iter()
-            .map(|k| {
-                let (events, bytes) = store.usage(k);
-                bytes + (events * EVENT_OVERHEAD) as u64
-            })
-            .sum();
-        assert_eq!(held, store.total_bytes());
+        assert_eq!(held_by_logs(&store), store.total_bytes());
         // No stream was emptied for another: each holds a share near its writes'.
         let counts: Vec<usize> = keys.iter().map(|k| store.usage(k).0).collect();
         let others = &counts[1..];
@@ -859,7 +967,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(page.outcome, ResumeOutcome::UnknownCursor);
-        assert_eq!(store.total_bytes(), 2 * (1000 + EVENT_OVERHEAD as u64));
+        assert_eq!(held_by_logs(&store), store.total_bytes());
+        assert!(store.total_bytes() <= 2 * (1000 + (4 * MIN_SLOTS * SLOT) as u64));
     }
 
     #[tokio::test]
@@ -877,7 +986,8 @@ mod tests {
                     .unwrap();
             }
         }
-        let one = 4096 + EVENT_OVERHEAD as u64;
+        // An event and the most slots a log of one or two events keeps.
+        let one = 4096 + (4 * MIN_SLOTS * SLOT) as u64;
         assert!(keys.iter().all(|k| store.usage(k).0 <= 2));
         assert!(store.total_bytes() <= 200 * one + (256 << 10) / 10 + one);
         // 4,000 appends over the budget: a trim per tenth of the budget appended, not per append.
@@ -905,9 +1015,78 @@ mod tests {
             .append(&key, (1..=5).map(old).collect())
             .await
             .unwrap();
-        assert_eq!(store.total_bytes(), 3 * (50 + EVENT_OVERHEAD as u64));
+        assert_eq!(store.usage(&key), (3, 150));
+        assert_eq!(held_by_logs(&store), store.total_bytes());
         assert_eq!(store.delete_expired().await.unwrap(), 3);
         assert_eq!(store.total_bytes(), 0);
+    }
+
+    /// What the logs hold by their own count; each keeps at most two chunks
+    /// of slots beyond its events.
+    fn held_by_logs(store: &MemoryStore) -> u64 {
+        let streams = lock(&store.streams);
+        for log in streams.logs.values() {
+            let (len, slots) = (log.events.len(), log.events.slots);
+            assert!(slots <= len + 2 * CHUNK, "{slots} slots for {len} events");
+            assert_eq!(len, log.events.iter().count());
+        }
+        streams.logs.values().map(Log::accounted).sum()
+    }
+
+    #[tokio::test]
+    async fn a_log_that_was_long_gives_back_its_slots_when_trimmed() {
+        let store = MemoryStore::new(Retention::default());
+        let key = key("/long");
+        let events = (1..=5000).map(|n| ev(n, &n.to_string(), 10)).collect();
+        store.append(&key, events).await.unwrap();
+        let long = store.total_bytes();
+        assert!(long >= 5000 * (10 + SLOT as u64));
+        // A budget of half that trims it to 90% of the budget, and what it
+        // held for the trimmed events, slots included, is given back.
+        let store = store.max_total_bytes(long / 2);
+        store
+            .append(&self::key("/new"), vec![ev(1, "1", 10)])
+            .await
+            .unwrap();
+        let (left, _) = store.usage(&key);
+        assert!((2000..2500).contains(&left), "{left} events left");
+        assert_eq!(held_by_logs(&store), store.total_bytes());
+        assert!(
+            store.total_bytes() <= long / 20 * 9,
+            "{} held",
+            store.total_bytes()
+        );
+    }
+
+    #[test]
+    fn slots_find_and_trim_across_chunks_as_one_queue_would() {
+        let mut slots = Slots::default();
+        let mut model = VecDeque::new();
+        for n in 1..=700u64 {
+            slots.push_back(ev(n, &n.to_string(), 1));
+            model.push_back(n);
+            // Trim a little now and then, so chunks start part-used.
+            if n % 7 == 0 {
+                let (old, _) = slots.pop_front().unwrap();
+                assert_eq!(Some(old.seq), model.pop_front());
+            }
+            assert_eq!(slots.len(), model.len());
+            assert_eq!(slots.front().map(|e| e.seq), model.front().copied());
+        }
+        assert!(slots.iter().map(|e| e.seq).eq(model.iter().copied()));
+        assert!(slots.slots <= slots.len() + 2 * CHUNK);
+        for target in 0..=702u64 {
+            let found = slots.first_not(|e| e.seq < target).map(|e| e.seq);
+            assert_eq!(
+                found,
+                model.iter().copied().find(|&m| m >= target),
+                "{target}"
+            );
+        }
+        while let Some((old, _)) = slots.pop_front() {
+            assert_eq!(Some(old.seq), model.pop_front());
+        }
+        assert_eq!((slots.len(), slots.slots, slots.chunks.len()), (0, 0, 0));
     }
 
     fn key(s: &str) -> StreamKey {
