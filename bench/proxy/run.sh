@@ -243,6 +243,7 @@ stop_middlebox() {
 # The streams are opened held, then started together (sse_upstream's hold/go).
 measure() { # url prefix query
     local out="$WORK/measure.out" pid c0=0 c1=0 token
+    RSS_END=""
     token="t${RANDOM}${RANDOM}"
     : >"$out"
     "$BIN/sse_load" --url "$1" --streams "$STREAMS" --prefix "$2" --query "$3&hold=$token" \
@@ -253,7 +254,7 @@ measure() { # url prefix query
     if wait_line "$out" '^counting' 120 >/dev/null; then
         [[ -n $MB_PID ]] && c0=$(cpu_ticks "$MB_PID")
         if wait_line "$out" '^counted' $((${DURATION%.*} + 30)) >/dev/null; then
-            [[ -n $MB_PID ]] && c1=$(cpu_ticks "$MB_PID")
+            [[ -n $MB_PID ]] && c1=$(cpu_ticks "$MB_PID") && RSS_END=$(rss_kb "$MB_PID")
         fi
     fi
     wait "$pid" || true
@@ -261,7 +262,7 @@ measure() { # url prefix query
     TICKS=$((c1 - c0))
 }
 
-# round config eps p50 p99 cpu_us rss_per_stream load1 ok eps_at_rate cpu_us_at_rate
+# round config eps p50 p99 cpu_us rss_per_stream load1 ok eps_at_rate cpu_us_at_rate rss_mb_at_full_speed
 RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
 RAW="$WORK/raw.txt"
@@ -269,6 +270,7 @@ RAW="$WORK/raw.txt"
 
 run_config() { # round config
     local round=$1 cfg=$2 rss0 rss1 per="" cpu="" cpu_rate="" eps_rate="" line eps p50 p99 ok=yes l1 idle
+    local rss_load=""
     l1=$(load1)
     case $cfg in
         direct) MB_URL="http://$UPSTREAM"; MB_PID="" ;;
@@ -306,7 +308,8 @@ run_config() { # round config
         cpu=$(awk -v t="$TICKS" -v hz="$HZ" -v e="$(field events "$line")" \
             'BEGIN { printf "%.2f", t / hz * 1e6 / e }')
     fi
-    log "  throughput: ${eps:-?} events/s${cpu:+, $cpu µs middlebox CPU/event}"
+    [[ -n $RSS_END ]] && rss_load=$(awk -v k="$RSS_END" 'BEGIN { printf "%.0f", k / 1024 }')
+    log "  throughput: ${eps:-?} events/s${cpu:+, $cpu µs middlebox CPU/event}${rss_load:+, $rss_load MiB RSS}"
 
     measure "$MB_URL" "/rate-$round/" "rate=$RATE"
     line=$LINE
@@ -322,8 +325,8 @@ run_config() { # round config
     log "  latency at $RATE ev/s/stream: p50 ${p50:-?} µs, p99 ${p99:-?} µs (${eps_rate:-?} events/s${cpu_rate:+, $cpu_rate µs middlebox CPU/event})"
 
     stop_middlebox
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$cfg" "${eps:-0}" "${p50:-0}" \
-        "${p99:-0}" "${cpu:--}" "${per:--}" "$l1" "$ok" "${eps_rate:-0}" "${cpu_rate:--}" >>"$RESULTS"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$cfg" "${eps:-0}" "${p50:-0}" \
+        "${p99:-0}" "${cpu:--}" "${per:--}" "$l1" "$ok" "${eps_rate:-0}" "${cpu_rate:--}" "${rss_load:--}" >>"$RESULTS"
     sleep 1
 }
 
@@ -367,10 +370,12 @@ N_EPS=$(col nginx 3)
     echo "  nginx's CPU time (user + system, all threads and workers) over the window, per event."
     echo "- *p50 / p99*: send-to-receive latency at $RATE events/s per stream; *added*: minus \`direct\`."
     echo "- *RSS per open stream*: (RSS with $STREAMS idle open streams − RSS with none) / $STREAMS."
+    echo "  *RSS at full speed*: the middlebox's RSS at the end of the full-speed window (the proxy's"
+    echo "  includes the memory store's history, budgeted at 256 MiB)."
     echo "- Every process shares the machine's cores with whatever else runs on it: see the load average."
     echo
-    echo "| config | events/s (upstream at full speed) | % of nginx | middlebox CPU/event | events/s at $RATE/s/stream (offered $((STREAMS * RATE))) | p50 | p99 | added p50 / p99 vs direct (ms) | middlebox CPU/event | middlebox RSS per open stream | load avg at start | all streams up |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
+    echo "| config | events/s (upstream at full speed) | % of nginx | middlebox CPU/event | events/s at $RATE/s/stream (offered $((STREAMS * RATE))) | p50 | p99 | added p50 / p99 vs direct (ms) | middlebox CPU/event | middlebox RSS per open stream | middlebox RSS at full speed | load avg at start | all streams up |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
     for cfg in $CONFIGS; do
         grep -q -P "\t$cfg\t" "$RESULTS" || continue
         eps=$(col "$cfg" 3)
@@ -380,14 +385,16 @@ N_EPS=$(col nginx 3)
         per=$(col "$cfg" 7)
         eps_rate=$(col "$cfg" 10)
         cpu_rate=$(col "$cfg" 11)
+        rss_load=$(col "$cfg" 12)
         l1=$(awk -F'\t' -v c="$cfg" '$2 == c { printf "%s%s", s, $8; s = " " }' "$RESULTS")
         oks=$(awk -F'\t' -v c="$cfg" '$2 == c && $9 != "yes" { bad = 1 } END { print bad ? "no" : "yes" }' "$RESULTS")
         pct=$(awk -v a="$eps" -v b="${N_EPS:--}" 'BEGIN { if (b == "-" || b == 0) print "-"; else printf "%.0f%%", 100 * a / b }')
         add="-"
         [[ $cfg != direct ]] && add="$(added "$p50" "$D_P50") / $(added "$p99" "$D_P99")"
-        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$cfg" "$(printf '%.0f' "$eps")" \
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$cfg" "$(printf '%.0f' "$eps")" \
             "$pct" "$(us "$cpu")" "$(printf '%.0f' "$eps_rate")" "$(ms "$p50")" "$(ms "$p99")" "$add" \
-            "$(us "$cpu_rate")" "$([[ $per == - ]] && echo - || echo "$per KiB")" "$l1" "$oks"
+            "$(us "$cpu_rate")" "$([[ $per == - ]] && echo - || echo "$per KiB")" \
+            "$([[ $rss_load == - ]] && echo - || echo "$rss_load MiB")" "$l1" "$oks"
     done
     echo
     echo "Targets: proxy-memory ≥ 70% of nginx's events/s; proxy RSS per open stream ≤ 16 KiB."
