@@ -119,6 +119,11 @@ pub(crate) struct Recorder {
     /// spawned one by one could reach the store out of order, and a store skips
     /// sequence numbers at or below its last: events would be lost).
     async_writes: Option<tokio::sync::mpsc::Sender<Vec<StoredEvent>>>,
+    /// Room for the next batch: the last batch's size rounded up to a power
+    /// of two. A batch grown from empty reallocated its queue and its
+    /// sequence list several times on every pull, and keeping the last
+    /// batch's buffers instead would hold them for a stream gone quiet.
+    next_batch: usize,
 }
 
 const MAX_BATCH: usize = 128;
@@ -142,6 +147,7 @@ impl Recorder {
             last_delivered: None,
             cursor: Arc::default(),
             async_writes: None,
+            next_batch: 0,
         }
     }
 
@@ -392,6 +398,7 @@ impl Stage for Recorder {
             // flight), once per batch rather than per event.
             self.write_cursor();
             // Pull what is ready below into one batch.
+            // Allocated at the first frame: most pulls of a quiet stream find none.
             let mut frames = VecDeque::new();
             let mut seqs = Vec::new();
             let mut below_pending = false;
@@ -404,6 +411,10 @@ impl Stage for Recorder {
                             if self.replayed.skip_live(event.id()) {
                                 continue;
                             }
+                        }
+                        if frames.is_empty() {
+                            frames.reserve(self.next_batch);
+                            seqs.reserve(self.next_batch);
                         }
                         if let Some(seq) = self.prepare(&mut frame) {
                             seqs.push((frames.len(), seq));
@@ -423,6 +434,9 @@ impl Stage for Recorder {
                         break;
                     }
                 }
+            }
+            if !frames.is_empty() {
+                self.next_batch = frames.len().next_power_of_two().min(MAX_BATCH);
             }
             if frames.is_empty() {
                 if self.end.is_some() {
