@@ -237,8 +237,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Most bytes an upstream connection buffers: its response head must fit, and
-/// one read takes at most this much.
+/// How far an upstream connection's read buffer grows (hyper's soft bound:
+/// a response head that arrives at once is still read whole; see
+/// `tests/proxy_e2e.rs`, `an_upstream_head_larger_than_the_read_buffer_bound_is_proxied_whole`).
 ///
 /// hyper's default (about 400 KB) grows a connection's read buffer while the
 /// upstream is ahead of the proxy, and the events parsed out of the last read

@@ -639,6 +639,17 @@ fn bad_upstream_app() -> Router {
             }),
         )
         .route(
+            "/huge-head",
+            get(|| async {
+                // A response head past the proxy's 64 KiB upstream read buffer.
+                Response::builder()
+                    .header(CONTENT_TYPE, "text/event-stream")
+                    .header("x-padding", "p".repeat(80 << 10))
+                    .body(Body::from("id: 1\ndata: x\n\n"))
+                    .unwrap()
+            }),
+        )
+        .route(
             "/json",
             get(|| async {
                 Response::builder()
@@ -730,6 +741,21 @@ async fn oversized_line_ends_the_stream_with_a_comment_naming_the_limit() {
     // The proxy is still serving.
     let (resp, _conn) = request(proxy.addr, "/json", None).await;
     assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_head_larger_than_the_read_buffer_bound_is_proxied_whole() {
+    // The proxy bounds an upstream connection's read buffer at 64 KiB; hyper
+    // still reads a head past that bound whole when it arrives at once.
+    let upstream = Upstream::start(bad_upstream_app()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(any_port(), any_port(), upstream.addr, "memory", dir.path()).await;
+
+    let (resp, _conn) = request(proxy.addr, "/huge-head", None).await;
+    assert_eq!(resp.status(), StatusCode::OK, "{}", proxy.tail());
+    assert_eq!(resp.headers()["x-padding"].len(), 80 << 10);
+    let text = read_all_lossy(resp).await;
+    assert!(text.starts_with("id: 1\ndata: x\n\n"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
