@@ -567,11 +567,13 @@ const MIN_SLOTS: usize = 8;
 /// IDs) or [`ResumeOutcome::UnknownCursor`].
 ///
 /// Besides each stream's [`Retention`], the whole store holds at most
-/// [`max_total_bytes`](Self::max_total_bytes) (default 256 MiB, accounting
+/// [`max_total_bytes`](Self::max_total_bytes) (default 256 MiB). It counts
 /// the events' bytes, the slots of each stream's log, spare ones included,
-/// and any ID index; a log gives back its spare slots once three quarters
-/// are unused, so a stream that was long once holds no more than it
-/// is accounted): an append
+/// and any ID index; a log keeps its slots in chunks of 64 at most and gives
+/// each back when its last event goes, so a stream that was long once holds
+/// no more than it is counted. Not counted: each stream's map entry and key,
+/// and the rest of a batch's buffer whose first events were trimmed (the
+/// persist layer stores a batch's events in one buffer). An append
 /// that crosses the budget trims every stream's oldest events, each stream in
 /// proportion to what it holds, down to 90% of the budget. Each stream keeps
 /// at least its newest event, so the store may exceed the budget by one event
