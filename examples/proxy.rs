@@ -256,7 +256,8 @@ const PROXY_MAX_IN_FLIGHT: usize = 256;
 /// still hold the old buffer, so each growth is a fresh allocation: with 1,000
 /// streams behind, the proxy's RSS reached 938 MB (the memory store's budget
 /// is 256 MiB) and a tenth of its CPU time went to faulting in new pages.
-/// Bounded at 64 KiB: 583 MB (`bench/proxy`, README "Proxy").
+/// Bounded at 64 KiB: 583 MB; with the memory store's slots given back too,
+/// 481 MiB (`bench/proxy`, README "Proxy").
 const UPSTREAM_MAX_BUF: usize = 64 * 1024;
 
 /// The hyper client builder both the proxy and `--bare` use.

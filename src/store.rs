@@ -524,6 +524,17 @@ impl Log {
         }
     }
 
+    /// Runs `f` on the log, gives back the index's spare room, and moves
+    /// `held` (the store's total) by what the log's accounted memory changed:
+    /// every change to a log goes through here.
+    fn update<R>(&mut self, held: &mut u64, f: impl FnOnce(&mut Log) -> R) -> R {
+        let before = self.accounted();
+        let out = f(self);
+        self.compact();
+        *held = *held - before + self.accounted();
+        out
+    }
+
     /// The memory this log is accounted: its events' bytes, its slots (spare
     /// ones included) and its ID index, if it has one.
     fn accounted(&self) -> u64 {
@@ -637,14 +648,13 @@ impl Streams {
         let total = self.held as u128;
         for log in self.logs.values_mut() {
             // This stream's share of the excess, rounded up.
-            let before = log.accounted();
-            let share = (before as u128 * excess as u128).div_ceil(total) as u64;
-            let mut freed = 0;
-            while freed < share && log.events.len() > 1 {
-                freed += log.trim_front();
-            }
-            log.compact();
-            self.held = self.held - before + log.accounted();
+            log.update(&mut self.held, |log| {
+                let share = (log.accounted() as u128 * excess as u128).div_ceil(total) as u64;
+                let mut freed = 0;
+                while freed < share && log.events.len() > 1 {
+                    freed += log.trim_front();
+                }
+            });
         }
         self.floor = if self.held > target { self.held } else { 0 };
     }
@@ -743,20 +753,19 @@ impl EventStore for MemoryStore {
                 }
                 std::collections::hash_map::Entry::Vacant(e) => e.insert(Log::default()),
             };
-            let before = log.accounted();
-            for ev in events {
-                log.last_seq = log.last_seq.max(ev.seq);
-                log.touched_ms = ev.stored_at_ms;
-                log.push(ev);
-                while log.events.len() > self.retention.max_events
-                    || (log.bytes > self.retention.max_bytes && log.events.len() > 1)
-                {
-                    log.trim_front();
+            log.update(&mut streams.held, |log| {
+                for ev in events {
+                    log.last_seq = log.last_seq.max(ev.seq);
+                    log.touched_ms = ev.stored_at_ms;
+                    log.push(ev);
+                    while log.events.len() > self.retention.max_events
+                        || (log.bytes > self.retention.max_bytes && log.events.len() > 1)
+                    {
+                        log.trim_front();
+                    }
                 }
-            }
-            log.compact();
-            let held = streams.held - before + log.accounted();
-            streams.held = held;
+            });
+            let held = streams.held;
             let slack = self.max_total_bytes / 10;
             if held > self.max_total_bytes && held > streams.floor.saturating_add(slack) {
                 streams.shrink_to(self.max_total_bytes / 10 * 9);
@@ -845,13 +854,12 @@ impl EventStore for MemoryStore {
             let mut guard = lock(&self.streams);
             let streams = &mut *guard;
             for log in streams.logs.values_mut() {
-                let before = log.accounted();
-                while log.events.front().is_some_and(|e| e.stored_at_ms < cutoff) {
-                    log.trim_front();
-                    deleted += 1;
-                }
-                log.compact();
-                streams.held = streams.held - before + log.accounted();
+                log.update(&mut streams.held, |log| {
+                    while log.events.front().is_some_and(|e| e.stored_at_ms < cutoff) {
+                        log.trim_front();
+                        deleted += 1;
+                    }
+                });
             }
             streams.logs.retain(|_, l| {
                 let keep = !l.events.is_empty() || l.touched_ms >= cutoff;

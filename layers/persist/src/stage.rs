@@ -435,9 +435,6 @@ impl Stage for Recorder {
                     }
                 }
             }
-            if !frames.is_empty() {
-                self.next_batch = frames.len().next_power_of_two().min(MAX_BATCH);
-            }
             if frames.is_empty() {
                 if self.end.is_some() {
                     continue;
@@ -447,6 +444,7 @@ impl Stage for Recorder {
                 }
                 continue;
             }
+            self.next_batch = frames.len().next_power_of_two().min(MAX_BATCH);
             self.held += frames.len();
             let stored = if seqs.is_empty() || self.failed {
                 Vec::new()
