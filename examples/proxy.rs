@@ -93,6 +93,20 @@ struct Args {
     /// baseline the benchmark (bench/proxy) compares the layers against.
     #[arg(long)]
     bare: bool,
+    /// Leave these layers out (comma-separated): what each one costs is the
+    /// difference to the full stack (bench/proxy, `proxy-without-LAYER`).
+    /// Without `persist` there is no history and no resume.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    without: Vec<Optional>,
+}
+
+/// The layers `--without` can leave out.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Optional {
+    Health,
+    Persist,
+    Dedup,
+    Track,
 }
 
 async fn open_store(spec: &str) -> Result<Arc<dyn EventStore>, Box<dyn std::error::Error>> {
@@ -160,17 +174,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         track = track.max_connections_per_stream(n, LimitPolicy::ReplaceOldest);
     }
     let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+    let on = |layer: Optional| !args.without.contains(&layer);
     let proxy = ServiceBuilder::new()
         .layer(CatchPanicLayer::new())
         .layer(TraceLayer::new_for_http())
-        .layer(
+        .option_layer(on(Optional::Health).then(|| {
             HealthLayer::new(registry.clone())
                 .keep_alive(secs(args.keepalive))
-                .idle_timeout(secs(args.idle_timeout)),
+                .idle_timeout(secs(args.idle_timeout))
+        }))
+        .option_layer(on(Optional::Persist).then_some(persist))
+        .option_layer(
+            on(Optional::Dedup).then(|| DedupLayer::new(registry.clone()).seed_from(store.clone())),
         )
-        .layer(persist)
-        .layer(DedupLayer::new(registry.clone()).seed_from(store.clone()))
-        .layer(track)
+        .option_layer(on(Optional::Track).then_some(track))
         .layer(ReconnectLayer::new(registry.clone()))
         .service(upstream_client);
     let proxy = ServiceBuilder::new()

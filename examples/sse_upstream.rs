@@ -61,6 +61,9 @@ struct Args {
     /// Most events written at once by a `max` stream or a stream catching up.
     #[arg(long, default_value_t = 32)]
     batch: usize,
+    /// Each connection's socket send buffer in bytes (0: the kernel's autotuning).
+    #[arg(long, default_value_t = 0)]
+    sndbuf: usize,
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -364,6 +367,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             };
             let _ = tcp.set_nodelay(true);
+            if args.sndbuf > 0 {
+                let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(args.sndbuf);
+            }
             let shared = shared.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<Incoming>| {

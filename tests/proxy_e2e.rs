@@ -605,6 +605,38 @@ async fn overlapping_upstream_replays_never_reach_the_client_twice() {
     );
 }
 
+/// `--without dedup` (the benchmark's `proxy-without-dedup`) really takes the
+/// layer out: the same overlapping replays then reach the client twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_dedup_the_overlapping_replays_reach_the_client() {
+    const TOTAL: u64 = 300;
+    const OVERLAP: u64 = 5;
+    let (_ticker, upstream, restarts) = ticker_upstream(TOTAL, 5, OVERLAP, vec![100, 200]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start_with(
+        any_port(),
+        any_port(),
+        upstream,
+        "memory",
+        dir.path(),
+        &["--without", "dedup"],
+    )
+    .await;
+
+    let (resp, _conn) = request(proxy.addr, "/events", None).await;
+    let mut events = sse_events(resp);
+    let mut ids = Vec::new();
+    let end = read_ticks(&mut events, &mut ids, |_| false, &proxy).await;
+    assert_eq!(end, End::Clean, "{}", proxy.tail());
+    assert_eq!(restarts.load(Ordering::SeqCst), 2);
+    assert_eq!(ids.len() as u64, TOTAL + 2 * OVERLAP, "{ids:?}");
+    let mut unique = ids.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique, (1..=TOTAL).collect::<Vec<_>>());
+    assert_eq!(metric(proxy.admin, "tower_sse_duplicates_total").await, 0);
+}
+
 // ---------------------------------------------------------------------------
 // 4. Bad input from the upstream.
 // ---------------------------------------------------------------------------

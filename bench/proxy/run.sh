@@ -12,6 +12,8 @@
 #   proxy-redb    client -> examples/proxy --store redb:TMPFILE -> upstream
 #   proxy-bare    client -> examples/proxy --bare (the same hyper server and
 #                 client, no tower-sse layer: the ceiling for the layered proxy)
+#   proxy-without-LAYERS  proxy-memory with LAYERS (comma-separated: health,
+#                 persist, dedup, track) left out: what a layer costs
 #
 # For each, with STREAMS concurrent streams (one connection each, a distinct
 # path each, so a distinct stream key each):
@@ -26,6 +28,15 @@
 #      "added" is the difference to `direct` in the same round.
 # With ROUNDS > 1 each cell is the median over rounds.
 #
+# The upstream writes BATCH events per body chunk (a server flushing per
+# event is BATCH=1) and bounds each connection's socket send buffer at SNDBUF
+# bytes (0: the kernel's autotuning, up to net.ipv4.tcp_wmem's 4 MiB). With
+# autotuning, an upstream on this host queues about 1 MB per stream behind a
+# middlebox slower than itself, over 1 GB for 1,000 streams, and its own CPU
+# per event rises 3-5x (copies into cold socket memory) on the cores the
+# middlebox shares: a cost of the one-host set-up that only the slower
+# middleboxes paid. SNDBUF applies to every configuration alike.
+#
 # Everything listens on 127.0.0.1 only; every process started here is stopped
 # on exit. Needs: cargo, nginx (Debian: apt-get install -y nginx) for the nginx
 # row (skipped with a note if missing). Writes bench/proxy/results.md.
@@ -36,6 +47,8 @@ DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 RATE=${RATE:-10}
 PAYLOAD=${PAYLOAD:-64}
+SNDBUF=${SNDBUF:-262144}
+BATCH=${BATCH:-32}
 ROUNDS=${ROUNDS:-1}
 CONFIGS=${CONFIGS:-"direct proxy-memory nginx proxy-bare proxy-redb"}
 IDLE_SETTLE=${IDLE_SETTLE:-2}
@@ -150,7 +163,8 @@ COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---------------------------------------------------------------- upstream
-"$BIN/sse_upstream" --listen 127.0.0.1:0 --rate "$RATE" --payload "$PAYLOAD" \
+"$BIN/sse_upstream" --listen 127.0.0.1:0 --rate "$RATE" --payload "$PAYLOAD" --sndbuf "$SNDBUF" \
+    --batch "$BATCH" \
     >"$WORK/upstream.log" 2>&1 &
 PIDS+=($!)
 UPSTREAM=$(wait_line "$WORK/upstream.log" 'listening on' | awk '{print $NF}')
@@ -277,6 +291,7 @@ run_config() { # round config
         proxy-memory) start_proxy memory || return 1 ;;
         proxy-redb) rm -f "$WORK/events.redb"; start_proxy "redb:$WORK/events.redb" || return 1 ;;
         proxy-bare) start_proxy memory --bare || return 1 ;;
+        proxy-without-*) start_proxy memory --without "${cfg#proxy-without-}" || return 1 ;;
         nginx) start_nginx || return 1 ;;
         *) echo "unknown config $cfg" >&2; return 1 ;;
     esac
@@ -362,6 +377,7 @@ N_EPS=$(col nginx 3)
         "(one connection and one stream key each), ${DURATION} s counted after ${WARMUP} s warm-up per" \
         "phase, $ROUNDS round(s) (cells are medians), events of about $((PAYLOAD + 40)) bytes."
     echo "Command: \`STREAMS=$STREAMS DURATION=$DURATION WARMUP=$WARMUP RATE=$RATE PAYLOAD=$PAYLOAD" \
+        "SNDBUF=$SNDBUF BATCH=$BATCH" \
         "ROUNDS=$ROUNDS CONFIGS=\"$CONFIGS\" bench/proxy/run.sh\`." \
         "Load average at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg)."
     echo
