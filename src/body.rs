@@ -17,10 +17,21 @@
 //! stage runs through the interceptor chain, then moves the stream's cursor,
 //! then goes to the client. The cursor therefore never names an event the body
 //! has not yielded.
+//!
+//! Frames that are ready together leave as one body frame (one socket write,
+//! up to 16 KiB). When the stages run dry with frames gathered, the body may
+//! first let the runtime's other ready tasks run, a few turns at most, and
+//! gather what they bring: a hyper client body hands over one upstream chunk
+//! per turn of its connection task, so an upstream writing an event per chunk
+//! would otherwise cost a write per event. A stream whose turns bring nothing
+//! writes its next frames at once. Gathered frames are delivered (the
+//! interceptors, [`Stage::on_delivered`], the cursor, the counters) only as
+//! their body frame is yielded.
 
 use std::any::Any;
 use std::borrow::Cow;
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
@@ -414,6 +425,19 @@ struct Pipeline {
     /// one each per event. Flushed when the times change, the run reaches
     /// [`LATENCY_RUN_MAX`], the stream waits or ends.
     latency_run: Option<(Instant, Instant, u64)>,
+    /// Frames gathered for the next body frame, not yet delivered, and their
+    /// bytes: they may wait a turn or a few (see [`Gather`]).
+    gathered: Vec<Frame>,
+    gathered_len: usize,
+    turn: Gather,
+}
+
+/// What [`Pipeline::gather`] came to.
+enum Gathered {
+    /// Deliver what is gathered (nothing, if the stream ended meanwhile).
+    Deliver,
+    /// Return this from the body's poll.
+    Return(Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>>),
 }
 
 /// The longest run of equal latencies held before it is flushed.
@@ -502,6 +526,9 @@ impl SseBody {
                 ending: Ending::Running,
                 burst: None,
                 latency_run: None,
+                gathered: Vec::new(),
+                gathered_len: 0,
+                turn: Gather::default(),
             })),
         }
     }
@@ -518,6 +545,9 @@ impl SseBody {
                 ending: Ending::Running,
                 burst: None,
                 latency_run: None,
+                gathered: Vec::new(),
+                gathered_len: 0,
+                turn: Gather::default(),
             })),
         }
     }
@@ -689,32 +719,43 @@ impl Pipeline {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        match std::mem::replace(&mut self.ending, Ending::Done) {
-            Ending::Running => self.ending = Ending::Running,
-            Ending::Done => return Poll::Ready(None),
-            Ending::Deferred(None) => {
-                self.end(CloseReason::UpstreamEnded);
-                return Poll::Ready(None);
+        loop {
+            match std::mem::replace(&mut self.ending, Ending::Done) {
+                Ending::Running => self.ending = Ending::Running,
+                Ending::Done => return Poll::Ready(None),
+                Ending::Deferred(None) => {
+                    self.end(CloseReason::UpstreamEnded);
+                    return Poll::Ready(None);
+                }
+                Ending::Deferred(Some(e)) => return self.fail(e),
             }
-            Ending::Deferred(Some(e)) => return self.fail(e),
+            if let Gathered::Return(poll) = self.gather(cx) {
+                return poll;
+            }
+            // Interceptors may have dropped every gathered event: gather again.
+            if let Some(bytes) = self.deliver() {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(bytes))));
+            }
         }
-        let mut out = Coalesced::default();
-        // With interceptors: the delivery time of this frame's events, read
-        // once (they reach the client in one write).
-        let mut delivered_at = None;
+    }
+
+    /// Gathers the frames that are ready into `self.gathered`, up to
+    /// [`COALESCE_BYTES`].
+    fn gather(&mut self, cx: &mut Context<'_>) -> Gathered {
         loop {
             if let Some(reason) = self.conn.as_ref().and_then(|c| c.entry().killed()) {
-                if out.is_empty() {
+                if self.gathered.is_empty() {
                     if reason == CloseReason::Replaced {
                         self.detach(Stage::hand_over);
                     }
-                    return self.fail(Box::new(Close::new(reason, "closed by the registry")));
+                    let close = Close::new(reason, "closed by the registry");
+                    return Gathered::Return(self.fail(Box::new(close)));
                 }
                 // Delivered first; the next poll sees the kill again.
-                break;
+                return Gathered::Deliver;
             }
-            if out.len() >= COALESCE_BYTES {
-                break;
+            if self.gathered_len >= COALESCE_BYTES {
+                return Gathered::Deliver;
             }
             let active = self.stages.len() - self.waiting;
             let mut polled = match self.stages[..active].split_last_mut() {
@@ -729,7 +770,7 @@ impl Pipeline {
                 ),
                 None => self.base.poll_frame(cx, self.conn.as_ref()),
             };
-            if polled.is_pending() && self.waiting > 0 && out.is_empty() {
+            if polled.is_pending() && self.waiting > 0 && self.gathered.is_empty() {
                 polled = self.poll_waiting(cx);
             }
             if let Poll::Ready(Some(Ok(_))) = &polled {
@@ -740,39 +781,72 @@ impl Pipeline {
                     }
                 }
             }
-            let frame = match polled {
+            match polled {
                 Poll::Pending => {
-                    if !out.is_empty() {
-                        // The stages registered the waker; what is ready goes now.
-                        break;
+                    if !self.gathered.is_empty() {
+                        if self.turn.again(self.gathered_len) {
+                            // One more turn for the source before the write:
+                            // the stages registered the waker; this task runs
+                            // again once the tasks ready before it have run.
+                            let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
+                            return Gathered::Return(Poll::Pending);
+                        }
+                        // What is ready goes now.
+                        return Gathered::Deliver;
                     }
                     self.burst = None;
                     self.flush_latency();
+                    if self.gathered.capacity() > 0 {
+                        // A quiet stream holds no gathering room.
+                        self.gathered = Vec::new();
+                    }
                     if let Some(conn) = &self.conn {
                         if conn.entry().register(cx.waker()).is_some() {
                             continue;
                         }
                     }
-                    return Poll::Pending;
+                    return Gathered::Return(Poll::Pending);
                 }
                 Poll::Ready(None) => {
-                    if !out.is_empty() {
-                        self.ending = Ending::Deferred(None);
-                        break;
+                    if self.gathered.is_empty() {
+                        self.end(CloseReason::UpstreamEnded);
+                        self.ending = Ending::Done;
+                        return Gathered::Return(Poll::Ready(None));
                     }
-                    self.end(CloseReason::UpstreamEnded);
-                    self.ending = Ending::Done;
-                    return Poll::Ready(None);
+                    self.ending = Ending::Deferred(None);
+                    return Gathered::Deliver;
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    if !out.is_empty() {
-                        self.ending = Ending::Deferred(Some(e));
-                        break;
+                    if self.gathered.is_empty() {
+                        return Gathered::Return(self.fail(e));
                     }
-                    return self.fail(e);
+                    self.ending = Ending::Deferred(Some(e));
+                    return Gathered::Deliver;
                 }
-                Poll::Ready(Some(Ok(frame))) => frame,
-            };
+                Poll::Ready(Some(Ok(frame))) => {
+                    self.gathered_len += match &frame {
+                        Frame::Other(bytes) => bytes.len(),
+                        Frame::Event(event) => event.raw().len(),
+                    };
+                    self.gathered.push(frame);
+                }
+            }
+        }
+    }
+
+    /// Delivers the gathered frames as one body frame: interceptors, the
+    /// stages' [`Stage::on_delivered`], the cursor and the counters see each
+    /// event only now, as it is handed to the client, never while it waits.
+    /// `None` if interceptors dropped every event.
+    fn deliver(&mut self) -> Option<Bytes> {
+        self.turn.written();
+        self.gathered_len = 0;
+        let mut gathered = std::mem::take(&mut self.gathered);
+        let mut out = Coalesced::default();
+        // With interceptors: the delivery time of this frame's events, read
+        // once (they reach the client in one write).
+        let mut delivered_at = None;
+        for frame in gathered.drain(..) {
             match frame {
                 Frame::Other(bytes) => out.push(bytes),
                 Frame::Event(mut event) => {
@@ -829,6 +903,12 @@ impl Pipeline {
                 }
             }
         }
+        // The room stays for the next frame; a quiet stream gives it back.
+        self.gathered = gathered;
+        if out.is_empty() {
+            // The cursor moved per event for the interceptors only.
+            return None;
+        }
         // Everything in `out` is yielded by this very return: the cursor and
         // counters move once per frame, never past what the client is sent.
         let bytes = out.finish();
@@ -843,12 +923,84 @@ impl Pipeline {
             }
             registry.count(stream, Counter::BytesDelivered, bytes.len() as u64);
         }
-        Poll::Ready(Some(Ok(http_body::Frame::data(bytes))))
+        Some(bytes)
     }
 }
 
 /// How many bytes of ready frames one body frame gathers before it is returned.
 const COALESCE_BYTES: usize = 16 * 1024;
+
+/// Whether a body frame with frames gathered waits a scheduler turn for more.
+///
+/// A hyper client body hands over one upstream chunk per poll, and the next
+/// one only after its connection task has run again, even when that task has
+/// read many. Written as they come, an upstream that writes an event per chunk
+/// faster than the proxy forwards costs a socket write here, and a read in the
+/// client, per event. So when the stages run dry with frames gathered, the
+/// body lets the other ready tasks run first (`tokio::task::yield_now`) and
+/// gathers again, up to [`GATHER_TURNS`] turns while no more than
+/// [`GATHER_MISSES`] in a row bring nothing. A frame whose turns brought
+/// nothing at all (a stream that is merely quiet) makes the next
+/// [`GATHER_SKIP`] frames go at once: a quiet stream pays its turns on one
+/// frame in `GATHER_SKIP + 1`.
+#[derive(Default)]
+struct Gather {
+    /// The gathered bytes at the last turn given, if one was for this frame.
+    at: Option<usize>,
+    /// The gathered bytes at this frame's first turn.
+    first: usize,
+    turns: u8,
+    /// Turns in a row that brought nothing.
+    misses: u8,
+    skip: u8,
+}
+
+const GATHER_TURNS: u8 = 16;
+const GATHER_MISSES: u8 = 2;
+const GATHER_SKIP: u8 = 8;
+
+impl Gather {
+    /// Whether to give the source another turn, with `len` bytes gathered.
+    fn again(&mut self, len: usize) -> bool {
+        let go = match self.at {
+            None if self.skip > 0 => {
+                self.skip -= 1;
+                false
+            }
+            None => {
+                self.first = len;
+                self.turns = 0;
+                self.misses = 0;
+                true
+            }
+            Some(before) => {
+                if len > before {
+                    self.misses = 0;
+                } else {
+                    self.misses += 1;
+                }
+                if self.misses > GATHER_MISSES {
+                    if len == self.first {
+                        self.skip = GATHER_SKIP;
+                    }
+                    false
+                } else {
+                    self.turns < GATHER_TURNS
+                }
+            }
+        };
+        if go {
+            self.at = Some(len);
+            self.turns += 1;
+        }
+        go
+    }
+
+    /// The gathered frames were delivered.
+    fn written(&mut self) {
+        self.at = None;
+    }
+}
 
 /// Frames that were ready at once, gathered into one body frame: hyper then
 /// encodes and writes one chunk instead of one per event.
@@ -865,10 +1017,6 @@ struct Coalesced {
 impl Coalesced {
     fn is_empty(&self) -> bool {
         self.first.is_none()
-    }
-
-    fn len(&self) -> usize {
-        self.len
     }
 
     fn push(&mut self, bytes: Bytes) {
@@ -1125,14 +1273,19 @@ mod tests {
             Poll::Pending,
             Poll::Pending,
             Poll::Pending,
+            Poll::Pending,
+            Poll::Pending,
         ]);
         body.push_stage(Waiter {
             polls: polls.clone(),
             saw: saw.clone(),
             emitted: false,
         });
-        // Two events, then the source waits with a frame gathered: the
-        // waits-only stage is not polled on frames.
+        // Two events, then the source waits with a frame gathered, for three
+        // turns: the waits-only stage is not polled on frames.
+        for _ in 0..3 {
+            assert_eq!(poll(&mut body), Poll::Pending);
+        }
         assert_eq!(
             poll(&mut body),
             Poll::Ready(Some(Bytes::from_static(
@@ -1156,11 +1309,21 @@ mod tests {
         let mut body = body(vec![
             data("id: 1\ndata: a\n\n: note\n\nid: 2\ndata: b\n\nid: 3\nda"),
             data("ta: c\n\n"),
-            // The first `Pending` ends the gathered frame, the second is the body's.
+            // Three turns for more (the body's `Pending`s), the fourth ends
+            // the gathered frame, the fifth is the body's own.
+            Poll::Pending,
+            Poll::Pending,
+            Poll::Pending,
             Poll::Pending,
             Poll::Pending,
             data("id: 4\ndata: d\n\n"),
         ]);
+        for _ in 0..3 {
+            assert_eq!(poll(&mut body), Poll::Pending);
+            // Gathered, not delivered: no cursor, no count.
+            assert_eq!(cursor(&body), None);
+            assert_eq!(delivered(&body), 0);
+        }
         let first = poll(&mut body);
         assert_eq!(
             first,
@@ -1184,6 +1347,63 @@ mod tests {
             ConnectionState::Closed(CloseReason::UpstreamEnded)
         );
         assert_eq!(delivered(&body), 4);
+    }
+
+    #[test]
+    fn frames_that_arrive_within_the_turns_go_out_together() {
+        let mut body = body(vec![
+            data("id: 1\ndata: a\n\n"),
+            Poll::Pending,
+            data("id: 2\ndata: b\n\n"),
+            // A turn that brought event 2, then three that brought nothing.
+            Poll::Pending,
+            Poll::Pending,
+            Poll::Pending,
+            Poll::Pending,
+        ]);
+        for _ in 0..4 {
+            assert_eq!(poll(&mut body), Poll::Pending);
+            assert_eq!(cursor(&body), None);
+        }
+        assert_eq!(
+            poll(&mut body),
+            Poll::Ready(Some(Bytes::from_static(
+                b"id: 1\ndata: a\n\nid: 2\ndata: b\n\n"
+            )))
+        );
+        assert_eq!(cursor(&body).as_deref(), Some("2"));
+        assert_eq!(delivered(&body), 2);
+    }
+
+    #[test]
+    fn after_turns_that_brought_nothing_the_next_frames_go_at_once() {
+        let mut script = vec![data("id: 1\ndata: a\n\n")];
+        script.extend((0..4).map(|_| Poll::Pending));
+        for i in 2..=(1 + GATHER_SKIP as u32) {
+            script.push(data(&format!("id: {i}\ndata: x\n\n")));
+            script.push(Poll::Pending);
+        }
+        script.push(data("id: 99\ndata: y\n\n"));
+        script.push(Poll::Pending);
+        let mut body = body(script);
+        for _ in 0..3 {
+            assert_eq!(poll(&mut body), Poll::Pending);
+        }
+        assert_eq!(
+            poll(&mut body),
+            Poll::Ready(Some(Bytes::from_static(b"id: 1\ndata: a\n\n")))
+        );
+        // A quiet stream: each of the next GATHER_SKIP events goes as it comes.
+        for i in 2..=(1 + GATHER_SKIP as u32) {
+            let frame = format!("id: {i}\ndata: x\n\n");
+            assert_eq!(poll(&mut body), Poll::Ready(Some(Bytes::from(frame))));
+        }
+        // Then a turn again.
+        assert_eq!(poll(&mut body), Poll::Pending);
+        assert_eq!(
+            cursor(&body).as_deref(),
+            Some(&*(1 + GATHER_SKIP as u32).to_string())
+        );
     }
 
     #[test]

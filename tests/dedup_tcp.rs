@@ -526,9 +526,15 @@ impl Interceptor for HoldFive {
     }
 }
 
-/// `1..=10` at once, then the end.
+/// `1..=5` at once, `6..=10` 300 ms later (so that a body gathering what is
+/// ready takes the first five alone), then the end.
 async fn one_to_ten() -> Response {
-    sse_response(Box::new(stream::iter((1..=10).map(|n| Ok(event(n, 0))))))
+    use futures_util::StreamExt;
+    let later = stream::once(tokio::time::sleep(Duration::from_millis(300)))
+        .flat_map(|()| stream::iter((6..=10).map(|n| Ok(event(n, 0)))));
+    sse_response(Box::new(Box::pin(
+        stream::iter((1..=5).map(|n| Ok(event(n, 0)))).chain(later),
+    )))
 }
 
 /// Reads a whole stream's event IDs.
