@@ -429,6 +429,9 @@ struct Pipeline {
     /// bytes: they may wait a turn or a few (see [`Gather`]).
     gathered: Vec<Frame>,
     gathered_len: usize,
+    /// Room for the next gathering: the last one's frames, rounded up to a
+    /// power of two (grown from empty, it moved its frames on each growth).
+    next_gather: usize,
     turn: Gather,
 }
 
@@ -528,6 +531,7 @@ impl SseBody {
                 latency_run: None,
                 gathered: Vec::new(),
                 gathered_len: 0,
+                next_gather: 4,
                 turn: Gather::default(),
             })),
         }
@@ -547,6 +551,7 @@ impl SseBody {
                 latency_run: None,
                 gathered: Vec::new(),
                 gathered_len: 0,
+                next_gather: 4,
                 turn: Gather::default(),
             })),
         }
@@ -828,6 +833,9 @@ impl Pipeline {
                         Frame::Other(bytes) => bytes.len(),
                         Frame::Event(event) => event.raw().len(),
                     };
+                    if self.gathered.capacity() == 0 {
+                        self.gathered.reserve_exact(self.next_gather);
+                    }
                     self.gathered.push(frame);
                 }
             }
@@ -842,6 +850,7 @@ impl Pipeline {
         self.turn.written();
         self.gathered_len = 0;
         let mut gathered = std::mem::take(&mut self.gathered);
+        self.next_gather = gathered.len().next_power_of_two().clamp(4, 256);
         let mut out = Coalesced::default();
         // With interceptors: the delivery time of this frame's events, read
         // once (they reach the client in one write).
