@@ -848,10 +848,13 @@ impl Pipeline {
     /// `None` if interceptors dropped every event.
     fn deliver(&mut self) -> Option<Bytes> {
         self.turn.written();
-        self.gathered_len = 0;
+        let room = std::mem::take(&mut self.gathered_len);
         let mut gathered = std::mem::take(&mut self.gathered);
         self.next_gather = gathered.len().next_power_of_two().clamp(4, 256);
-        let mut out = Coalesced::default();
+        let mut out = Coalesced {
+            room,
+            ..Coalesced::default()
+        };
         // With interceptors: the delivery time of this frame's events, read
         // once (they reach the client in one write).
         let mut delivered_at = None;
@@ -1018,6 +1021,9 @@ struct Coalesced {
     first: Option<Bytes>,
     rest: Option<BytesMut>,
     len: usize,
+    /// The bytes expected in all (the gathered frames' before interceptors):
+    /// the room the copy is made with.
+    room: usize,
     events: u64,
     /// The last delivered event's ID, when an event was delivered.
     cursor: Option<Option<EventId>>,
@@ -1033,7 +1039,7 @@ impl Coalesced {
         match (&self.first, &mut self.rest) {
             (None, _) => self.first = Some(bytes),
             (Some(first), None) => {
-                let mut buf = BytesMut::with_capacity(COALESCE_BYTES.max(self.len));
+                let mut buf = BytesMut::with_capacity(self.room.max(self.len));
                 buf.extend_from_slice(first);
                 buf.extend_from_slice(&bytes);
                 self.rest = Some(buf);
