@@ -437,7 +437,7 @@ struct Pipeline {
 
 /// What [`Pipeline::gather`] came to.
 enum Gathered {
-    /// Deliver what is gathered (nothing, if the stream ended meanwhile).
+    /// Deliver what is gathered (at least one frame).
     Deliver,
     /// Return this from the body's poll.
     Return(Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>>),
