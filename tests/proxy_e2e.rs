@@ -693,11 +693,18 @@ fn bad_upstream_app() -> Router {
         )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_from_upstream_is_ignored_and_the_stream_goes_on() {
+/// A proxy on the memory store in front of [`bad_upstream_app`]; the upstream
+/// and the proxy's directory live as long as what is returned.
+async fn proxy_to_bad_upstream() -> (Upstream, tempfile::TempDir, Proxy) {
     let upstream = Upstream::start(bad_upstream_app()).await;
     let dir = tempfile::tempdir().unwrap();
     let proxy = Proxy::start(any_port(), any_port(), upstream.addr, "memory", dir.path()).await;
+    (upstream, dir, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_from_upstream_is_ignored_and_the_stream_goes_on() {
+    let (_upstream, _dir, proxy) = proxy_to_bad_upstream().await;
 
     let (resp, _conn) = request(proxy.addr, "/garbage", None).await;
     assert_eq!(resp.status(), StatusCode::OK);
@@ -756,9 +763,7 @@ async fn read_all_lossy(resp: http::Response<Incoming>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_line_ends_the_stream_with_a_comment_naming_the_limit() {
-    let upstream = Upstream::start(bad_upstream_app()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start(any_port(), any_port(), upstream.addr, "memory", dir.path()).await;
+    let (_upstream, _dir, proxy) = proxy_to_bad_upstream().await;
 
     let (resp, _conn) = request(proxy.addr, "/oversized", None).await;
     assert_eq!(resp.status(), StatusCode::OK);
@@ -779,9 +784,7 @@ async fn oversized_line_ends_the_stream_with_a_comment_naming_the_limit() {
 async fn an_upstream_head_larger_than_the_read_buffer_bound_is_proxied_whole() {
     // The proxy bounds an upstream connection's read buffer at 64 KiB; hyper
     // still reads a head past that bound whole when it arrives at once.
-    let upstream = Upstream::start(bad_upstream_app()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start(any_port(), any_port(), upstream.addr, "memory", dir.path()).await;
+    let (_upstream, _dir, proxy) = proxy_to_bad_upstream().await;
 
     let (resp, _conn) = request(proxy.addr, "/huge-head", None).await;
     assert_eq!(resp.status(), StatusCode::OK, "{}", proxy.tail());
@@ -792,9 +795,7 @@ async fn an_upstream_head_larger_than_the_read_buffer_bound_is_proxied_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_sse_answer_is_proxied_untouched() {
-    let upstream = Upstream::start(bad_upstream_app()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start(any_port(), any_port(), upstream.addr, "memory", dir.path()).await;
+    let (_upstream, _dir, proxy) = proxy_to_bad_upstream().await;
 
     let (resp, _conn) = request(proxy.addr, "/json", None).await;
     assert_eq!(resp.status(), StatusCode::OK);
