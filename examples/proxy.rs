@@ -27,8 +27,10 @@ use axum::Router;
 use bytes::Bytes;
 use clap::Parser;
 use http::{header, HeaderMap, HeaderName, Uri};
+use http_body_util::Either;
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::{ServiceBuilder, ServiceExt};
@@ -39,6 +41,7 @@ use tower_sse::{CloseReason, KeyBy, LimitPolicy, Registry};
 use tower_sse_dedup::DedupLayer;
 use tower_sse_health::{prometheus_text, HealthLayer, HealthService, StoreProbe};
 use tower_sse_persist::{PersistLayer, RedbStore};
+use tower_sse_reconnect::client::{Http1Body, Http1Client};
 use tower_sse_reconnect::ReconnectLayer;
 use tower_sse_redis::RedisStore;
 use tower_sse_track::TrackLayer;
@@ -89,15 +92,27 @@ struct Args {
     /// `send_timeout`: a client that vanished without a FIN, or stopped reading.
     #[arg(long, default_value_t = 60)]
     send_timeout: u64,
-    /// Forward with the hyper client only, without any tower-sse layer: the
-    /// baseline the benchmark (bench/proxy) compares the layers against.
+    /// Forward with the upstream client only, without any tower-sse layer:
+    /// the baseline the benchmark (bench/proxy) compares the layers against.
     #[arg(long)]
     bare: bool,
+    /// The upstream client: `http1`, tower-sse-reconnect's lean HTTP/1.1
+    /// client (no task, channel or buffer per idle connection), or `hyper`,
+    /// hyper-util's pooled client (bench/proxy compares the two).
+    #[arg(long, value_enum, default_value_t = ClientKind::Http1)]
+    upstream_client: ClientKind,
     /// Leave these layers out (comma-separated): what each one costs is the
     /// difference to the full stack (bench/proxy, `proxy-without-LAYER`).
     /// Without `persist` there is no history and no resume.
     #[arg(long, value_enum, value_delimiter = ',')]
     without: Vec<Optional>,
+}
+
+/// The clients `--upstream-client` chooses from.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientKind {
+    Http1,
+    Hyper,
 }
 
 /// The layers `--without` can leave out.
@@ -149,7 +164,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let registry = Registry::builder().stream_key(key).build();
 
-    let client = upstream_client_builder().build_http::<Full<Bytes>>();
+    let client = UpstreamClient::new(args.upstream_client);
     let base = upstream.clone();
     let upstream_client = ServiceBuilder::new()
         .map_request(move |req: Request<Full<Bytes>>| common::to_upstream(&base, req))
@@ -233,7 +248,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let shutdown_registry = registry.clone();
     let send_timeout = secs(args.send_timeout);
     let server = if args.bare {
-        let bare = bare_proxy(upstream.clone());
+        let bare = bare_proxy(upstream.clone(), UpstreamClient::new(args.upstream_client));
         tokio::spawn(serve_http1(
             listener,
             Shared(Arc::new(bare)),
@@ -264,7 +279,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// Events a connection holds while their batch commits (see `main`).
 const PROXY_MAX_IN_FLIGHT: usize = 256;
 
-/// How far an upstream connection's read buffer grows (hyper's soft bound:
+/// How far a hyper upstream connection's read buffer grows (hyper's soft bound:
 /// a response head that arrives at once is still read whole; see
 /// `tests/proxy_e2e.rs`, `an_upstream_head_larger_than_the_read_buffer_bound_is_proxied_whole`).
 ///
@@ -277,19 +292,66 @@ const PROXY_MAX_IN_FLIGHT: usize = 256;
 /// 481 MiB (`bench/proxy`, README "Proxy").
 const UPSTREAM_MAX_BUF: usize = 64 * 1024;
 
-/// The hyper client builder both the proxy and `--bare` use.
-fn upstream_client_builder() -> hyper_util::client::legacy::Builder {
-    let mut builder = Client::builder(TokioExecutor::new());
-    builder
-        .pool_idle_timeout(Duration::from_secs(30))
-        .http1_max_buf_size(UPSTREAM_MAX_BUF);
-    builder
+/// The upstream client, as `--upstream-client` chose.
+#[derive(Clone)]
+enum UpstreamClient {
+    Http1(Http1Client),
+    Hyper(Client<HttpConnector, Full<Bytes>>),
 }
 
-/// Forwards every request to the upstream with the same hyper client and
-/// request rewrite as the proxy, and nothing else.
+type UpstreamBody = Either<Http1Body, Incoming>;
+
+impl UpstreamClient {
+    fn new(kind: ClientKind) -> Self {
+        match kind {
+            ClientKind::Http1 => {
+                UpstreamClient::Http1(Http1Client::new().pool_idle_timeout(Duration::from_secs(30)))
+            }
+            ClientKind::Hyper => {
+                let mut builder = Client::builder(TokioExecutor::new());
+                builder
+                    .pool_idle_timeout(Duration::from_secs(30))
+                    .http1_max_buf_size(UPSTREAM_MAX_BUF);
+                UpstreamClient::Hyper(builder.build_http())
+            }
+        }
+    }
+}
+
+impl tower::Service<Request<Full<Bytes>>> for UpstreamClient {
+    type Response = http::Response<UpstreamBody>;
+    type Error = tower_sse::BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
+        match self {
+            UpstreamClient::Http1(client) => {
+                let sent = client.call(req);
+                Box::pin(async move { Ok(sent.await?.map(Either::Left)) })
+            }
+            UpstreamClient::Hyper(client) => {
+                let sent = client.request(req);
+                Box::pin(async move { Ok(sent.await?.map(Either::Right)) })
+            }
+        }
+    }
+}
+
+/// Forwards every request to the upstream with the same client and request
+/// rewrite as the proxy (the request body read whole first, as the reconnect
+/// layer does), and nothing else.
 fn bare_proxy(
     base: Uri,
+    client: UpstreamClient,
 ) -> impl tower::Service<
     Request<Incoming>,
     Response = axum::response::Response,
@@ -299,12 +361,17 @@ fn bare_proxy(
        + Send
        + Sync
        + 'static {
-    let client = upstream_client_builder().build_http::<Incoming>();
     tower::service_fn(move |req: Request<Incoming>| {
-        let req = common::to_upstream(&base, req);
-        let sent = client.request(req);
+        let base = base.clone();
+        let client = client.clone();
         async move {
-            Ok(match sent.await {
+            let (parts, body) = req.into_parts();
+            let body = match http_body_util::BodyExt::collect(body).await {
+                Ok(body) => body.to_bytes(),
+                Err(e) => return Ok((http::StatusCode::BAD_REQUEST, e.to_string()).into_response()),
+            };
+            let req = common::to_upstream(&base, Request::from_parts(parts, Full::new(body)));
+            Ok(match client.oneshot(req).await {
                 Ok(resp) => resp.map(Body::new),
                 Err(e) => (http::StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
             })

@@ -11,7 +11,11 @@
 #   nginx         client -> nginx (proxy_buffering off, HTTP/1.1) -> upstream
 #   proxy-redb    client -> examples/proxy --store redb:TMPFILE -> upstream
 #   proxy-bare    client -> examples/proxy --bare (the same hyper server and
-#                 client, no tower-sse layer: the ceiling for the layered proxy)
+#                 upstream client, no tower-sse layer: the ceiling for the
+#                 layered proxy)
+#   proxy-hyper, proxy-bare-hyper  proxy-memory and proxy-bare with hyper's
+#                 client to the upstream (--upstream-client hyper) instead of
+#                 tower-sse-reconnect's lean Http1Client
 #   proxy-without-LAYERS  proxy-memory with LAYERS (comma-separated: health,
 #                 persist, dedup, track) left out: what a layer costs
 #
@@ -291,6 +295,8 @@ run_config() { # round config
         proxy-memory) start_proxy memory || return 1 ;;
         proxy-redb) rm -f "$WORK/events.redb"; start_proxy "redb:$WORK/events.redb" || return 1 ;;
         proxy-bare) start_proxy memory --bare || return 1 ;;
+        proxy-hyper) start_proxy memory --upstream-client hyper || return 1 ;;
+        proxy-bare-hyper) start_proxy memory --bare --upstream-client hyper || return 1 ;;
         proxy-without-*) start_proxy memory --without "${cfg#proxy-without-}" || return 1 ;;
         nginx) start_nginx || return 1 ;;
         *) echo "unknown config $cfg" >&2; return 1 ;;

@@ -78,6 +78,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod client;
+
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
