@@ -165,7 +165,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let registry = Registry::builder().stream_key(key).build();
 
     let client = UpstreamClient::new(args.upstream_client);
-    let base = upstream.clone();
+    // Every open stream keeps a clone of this service (to reconnect with):
+    // the base URI behind an `Arc`, so a clone is a reference count.
+    let base = Arc::new(upstream.clone());
     let upstream_client = ServiceBuilder::new()
         .map_request(move |req: Request<Full<Bytes>>| common::to_upstream(&base, req))
         .service(client);
@@ -296,7 +298,9 @@ const UPSTREAM_MAX_BUF: usize = 64 * 1024;
 #[derive(Clone)]
 enum UpstreamClient {
     Http1(Http1Client),
-    Hyper(Client<HttpConnector, Full<Bytes>>),
+    /// Boxed: hyper's client is a few hundred bytes, and every open stream
+    /// holds a clone of this enum.
+    Hyper(Arc<Client<HttpConnector, Full<Bytes>>>),
 }
 
 type UpstreamBody = Either<Http1Body, Incoming>;
@@ -312,7 +316,7 @@ impl UpstreamClient {
                 builder
                     .pool_idle_timeout(Duration::from_secs(30))
                     .http1_max_buf_size(UPSTREAM_MAX_BUF);
-                UpstreamClient::Hyper(builder.build_http())
+                UpstreamClient::Hyper(Arc::new(builder.build_http()))
             }
         }
     }

@@ -111,6 +111,11 @@ pub(crate) fn start(target: Target, chain: Chain, linger_for: Duration) {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         return;
     };
+    // Kept whenever a linger is configured: without it no client could take over.
+    let Some(head) = target.head.clone() else {
+        target.state.lingered.notify_waiters();
+        return;
+    };
     if config.lingering.fetch_add(1, Ordering::AcqRel) >= config.max_lingering {
         config.lingering.fetch_sub(1, Ordering::AcqRel);
         tracing::debug!(stream = %target.key, "linger cap reached; upstream closed");
@@ -121,7 +126,7 @@ pub(crate) fn start(target: Target, chain: Chain, linger_for: Duration) {
     let slot = Arc::new(Lingering {
         chain: Mutex::new(Some(chain)),
         taken: tokio::sync::Notify::new(),
-        head: target.head.clone(),
+        head,
     });
     *lock(&target.state.lingering) = Some(slot.clone());
     target.state.lingered.notify_waiters();

@@ -344,10 +344,10 @@ where
                         http::header::CACHE_CONTROL,
                         HeaderValue::from_static("no-cache"),
                     );
-                    let head = Arc::new(Head {
+                    let head = Some(Arc::new(Head {
                         status: resp.status(),
                         headers: resp.headers().clone(),
-                    });
+                    }));
                     tracing::debug!(stream = %sse.key, after_seq, "another instance holds the upstream; following the store");
                     (resp, head, true)
                 }
@@ -356,7 +356,7 @@ where
                     *resp.status_mut() = head.status;
                     *resp.headers_mut() = head.headers.clone();
                     tracing::debug!(stream = %sse.key, "client took over a lingering upstream");
-                    (resp, head, true)
+                    (resp, Some(head), true)
                 }
                 None => {
                     if config.stamp.is_some() {
@@ -372,9 +372,12 @@ where
                     if !is_stream {
                         return Ok(resp);
                     }
-                    let head = Arc::new(Head {
-                        status: resp.status(),
-                        headers: tower_sse::detach_headers(resp.headers()),
+                    // Only a lingering upstream is taken over with its head.
+                    let head = config.linger.is_some().then(|| {
+                        Arc::new(Head {
+                            status: resp.status(),
+                            headers: tower_sse::detach_headers(resp.headers()),
+                        })
                     });
                     (resp, head, false)
                 }

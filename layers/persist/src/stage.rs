@@ -37,7 +37,9 @@ pub(crate) struct Target {
     pub stream: Arc<StreamState>,
     pub state: Arc<PersistStream>,
     pub config: Arc<Config>,
-    pub head: Arc<Head>,
+    /// The response's status and headers, kept only where a client may take
+    /// the stream over (a linger is configured, or it already was taken over).
+    pub head: Option<Arc<Head>>,
 }
 
 /// The IDs a resuming connection was sent from history (and its cursor),

@@ -58,7 +58,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -76,7 +76,10 @@ const MAX_HEAD: usize = 64 * 1024;
 /// The most headers of a response head.
 const MAX_HEADERS: usize = 128;
 
-/// The first read buffer's size, and the least a read reserves.
+/// The first read of a response head.
+const HEAD_READ: usize = 1024;
+
+/// The least a body read reserves.
 const MIN_READ: usize = 4 * 1024;
 
 /// The most a single read takes from the socket.
@@ -323,10 +326,11 @@ async fn exchange(
         }
     };
     write.await.map_err(Exchange::BeforeAnswer)?;
-    let mut buf = BytesMut::with_capacity(MIN_READ);
+    // Most heads are a few hundred bytes: start small, double as needed.
+    let mut buf = BytesMut::with_capacity(HEAD_READ);
     loop {
         if buf.capacity() == buf.len() {
-            buf.reserve(buf.len().max(MIN_READ));
+            buf.reserve(buf.len().max(HEAD_READ));
         }
         let n = match io.read_buf(&mut buf).await {
             Ok(n) => n,
@@ -718,8 +722,14 @@ impl Body for Http1Body {
             let Some(conn) = &this.conn else {
                 return Poll::Ready(None);
             };
-            if let Err(e) = ready!(conn.io.poll_read_ready(cx)) {
-                return Poll::Ready(Some(Err(this.fail(e))));
+            match conn.io.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(this.fail(e)))),
+                Poll::Pending => {
+                    // Idle: hold no buffer (what is left of the head's, say).
+                    this.buf = BytesMut::new();
+                    return Poll::Pending;
+                }
             }
             if this.buf.capacity() < MIN_READ {
                 this.buf.reserve(this.next_read);

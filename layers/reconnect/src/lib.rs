@@ -392,13 +392,27 @@ where
                 .get(&LAST_EVENT_ID)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            let template = Arc::new(Template {
-                method: parts.method,
-                uri: detach_uri(parts.uri),
-                version: parts.version,
-                headers: tower_sse::detach_headers(&parts.headers),
-                body,
-            });
+            // The request's head is dropped here, not when this future ends:
+            // hyper's server parses it into slices of the connection's read
+            // buffer, and a buffer still held when hyper reads on (to notice
+            // the client leaving) makes it allocate a second one for the
+            // connection's life.
+            let template = {
+                let http::request::Parts {
+                    method,
+                    uri,
+                    version,
+                    headers,
+                    ..
+                } = parts;
+                Arc::new(Template {
+                    method,
+                    uri: detach_uri(uri),
+                    version,
+                    headers: tower_sse::detach_headers(&headers),
+                    body,
+                })
+            };
 
             let started = Instant::now();
             let mut attempt = 0u32;
