@@ -165,35 +165,55 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Pool {
     /// The most recently used live connection to `host`, if any.
     fn checkout(&self, host: &str) -> Option<TcpStream> {
+        // Closed after the lock is let go.
+        let mut closed = Vec::new();
         let mut idle = lock(&self.idle);
         let conns = idle.get_mut(host)?;
+        let mut found = None;
         while let Some(conn) = conns.pop() {
             if conn.since.elapsed() >= self.idle_timeout {
+                closed.push(conn);
                 continue;
             }
             // An idle connection has nothing to read: a byte or an end means
             // the upstream closed it (or broke the protocol).
             match conn.io.try_read(&mut [0u8; 1]) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(conn.io),
-                _ => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    found = Some(conn.io);
+                    break;
+                }
+                _ => closed.push(conn),
             }
         }
-        None
+        drop(idle);
+        drop(closed);
+        found
     }
 
+    /// Keeps `io` for the next request to `host`; closes the pool's expired
+    /// connections, for every host.
     fn checkin(&self, host: String, io: TcpStream) {
-        if self.max_idle_per_host == 0 {
-            return;
-        }
+        let mut expired = Vec::new();
         let mut idle = lock(&self.idle);
-        let conns = idle.entry(host).or_default();
-        conns.retain(|c| c.since.elapsed() < self.idle_timeout);
-        if conns.len() < self.max_idle_per_host {
-            conns.push(Idle {
-                io,
-                since: Instant::now(),
-            });
+        idle.retain(|_, conns| {
+            let (fresh, old) = std::mem::take(conns)
+                .into_iter()
+                .partition(|c| c.since.elapsed() < self.idle_timeout);
+            *conns = fresh;
+            expired.extend::<Vec<Idle>>(old);
+            !conns.is_empty()
+        });
+        if self.max_idle_per_host > 0 {
+            let conns = idle.entry(host).or_default();
+            if conns.len() < self.max_idle_per_host {
+                conns.push(Idle {
+                    io,
+                    since: Instant::now(),
+                });
+            }
         }
+        drop(idle);
+        drop(expired);
     }
 }
 
@@ -236,26 +256,40 @@ async fn send(pool: Arc<Pool>, req: Request<Full<Bytes>>) -> io::Result<Response
         .host()
         .trim_start_matches('[')
         .trim_end_matches(']');
+    if parts.method == Method::CONNECT {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "CONNECT is not supported by Http1Client",
+        ));
+    }
     let port = authority.port_u16().unwrap_or(80);
     let pool_key = format!("{host}:{port}");
-    let head = encode_head(&parts, authority.as_str(), &body);
+    // `host()` leaves out any user information (and keeps an IPv6 address's brackets).
+    let host_header = match authority.port() {
+        Some(port) => format!("{}:{port}", authority.host()),
+        None => authority.host().to_owned(),
+    };
+    let head = encode_head(&parts, &host_header, &body);
     let no_body = parts.method == Method::HEAD;
 
     // A pooled connection may have been closed by the upstream in the
-    // meantime: if it fails before a byte of the answer, the request goes
-    // once more on a new connection.
+    // meantime. The request goes once more on a new connection if it was
+    // not written whole, or, for an idempotent method, if the connection
+    // ended before a byte of the answer (the upstream may have acted on a
+    // POST it read just before closing: that one is not sent twice).
     if let Some(io) = pool.checkout(&pool_key) {
         match exchange(io, &head, &body).await {
-            Ok((io, resp, rest)) => return Ok(finish(pool, pool_key, io, resp, rest, no_body)),
-            Err(Exchange::BeforeAnswer(_)) => {}
-            Err(Exchange::Failed(e)) => return Err(e),
+            Ok((io, resp, rest)) => return finish(pool, pool_key, io, resp, rest, no_body),
+            Err(Exchange::NotSent(_)) => {}
+            Err(Exchange::BeforeAnswer(_)) if parts.method.is_idempotent() => {}
+            Err(Exchange::BeforeAnswer(e) | Exchange::Failed(e)) => return Err(e),
         }
     }
     let io = TcpStream::connect((host, port)).await?;
     let _ = io.set_nodelay(true);
     match exchange(io, &head, &body).await {
-        Ok((io, resp, rest)) => Ok(finish(pool, pool_key, io, resp, rest, no_body)),
-        Err(Exchange::BeforeAnswer(e) | Exchange::Failed(e)) => Err(e),
+        Ok((io, resp, rest)) => finish(pool, pool_key, io, resp, rest, no_body),
+        Err(Exchange::NotSent(e) | Exchange::BeforeAnswer(e) | Exchange::Failed(e)) => Err(e),
     }
 }
 
@@ -272,16 +306,20 @@ fn full_bytes(body: Full<Bytes>) -> Bytes {
 /// The request head: request line, `host`, the request's headers except
 /// those that frame the message (this client frames it), and a
 /// `content-length` when there is a body or the method expects one.
-fn encode_head(parts: &http::request::Parts, authority: &str, body: &Bytes) -> Vec<u8> {
+fn encode_head(parts: &http::request::Parts, host: &str, body: &Bytes) -> Vec<u8> {
     let mut head = Vec::with_capacity(256);
     head.extend_from_slice(parts.method.as_str().as_bytes());
     head.push(b' ');
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    head.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
+    // Origin form: a path first, even when the URI has only a query.
+    if !target.starts_with('/') {
+        head.push(b'/');
+    }
+    head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
     if !parts.headers.contains_key(HOST) {
         head.extend_from_slice(b"host: ");
-        head.extend_from_slice(authority.as_bytes());
+        head.extend_from_slice(host.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
     for (name, value) in &parts.headers {
@@ -302,7 +340,9 @@ fn encode_head(parts: &http::request::Parts, authority: &str, body: &Bytes) -> V
 }
 
 enum Exchange {
-    /// Failed before a byte of the answer arrived (a stale pooled connection, say).
+    /// The request was not written whole (a stale pooled connection, say).
+    NotSent(io::Error),
+    /// The connection ended before a byte of the answer arrived.
     BeforeAnswer(io::Error),
     Failed(io::Error),
 }
@@ -325,7 +365,7 @@ async fn exchange(
             io.write_all(body).await
         }
     };
-    write.await.map_err(Exchange::BeforeAnswer)?;
+    write.await.map_err(Exchange::NotSent)?;
     // Most heads are a few hundred bytes: start small, double as needed.
     let mut buf = BytesMut::with_capacity(HEAD_READ);
     loop {
@@ -417,20 +457,39 @@ enum Framing {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunked {
-    /// In a chunk-size line: the size so far, whether a digit was seen, and
-    /// bytes of extensions so far (`None`: still in the digits).
+    /// In a chunk-size line: the size so far, the line's bytes so far, and
+    /// where in the line.
     Size {
         size: u64,
-        digits: bool,
-        ext: Option<usize>,
+        line: usize,
+        at: SizeLine,
     },
     /// In a chunk's data: bytes left.
     Data(u64),
     /// After a chunk's data: expecting CR LF (`true`: the CR was seen).
     DataEnd(bool),
-    /// In the trailer section: bytes of the current line, bytes in all.
-    Trailer { line: usize, total: usize },
+    /// In the trailer section: bytes of the current line, bytes in all, and
+    /// whether the line's CR was seen.
+    Trailer { line: usize, total: usize, cr: bool },
 }
+
+/// Where a chunk-size line is: `1*HEXDIG [BWS ";" extensions] CRLF`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SizeLine {
+    Digits,
+    /// Whitespace after the digits.
+    Space,
+    /// In the extensions.
+    Ext,
+    /// The CR was seen.
+    Cr,
+}
+
+const CHUNK_START: Chunked = Chunked::Size {
+    size: 0,
+    line: 0,
+    at: SizeLine::Digits,
+};
 
 fn framing(resp: &Response<()>, no_body: bool) -> io::Result<(Framing, bool)> {
     let headers = resp.headers();
@@ -456,17 +515,13 @@ fn framing(resp: &Response<()>, no_body: bool) -> io::Result<(Framing, bool)> {
     }
     if headers.contains_key(TRANSFER_ENCODING) {
         let codings = tokens(TRANSFER_ENCODING);
-        if headers.contains_key(CONTENT_LENGTH) {
-            // RFC 9112: transfer coding wins, and the connection is not reused.
+        if headers.contains_key(CONTENT_LENGTH) || resp.version() == Version::HTTP_10 {
+            // RFC 9112, 6.1 and 6.3: transfer coding wins over a length, and
+            // such a message (or one in HTTP/1.0) closes the connection.
             reusable = false;
         }
         if codings.last().is_some_and(|c| c == "chunked") {
-            let start = Chunked::Size {
-                size: 0,
-                digits: false,
-                ext: None,
-            };
-            return Ok((Framing::Chunked(start), reusable));
+            return Ok((Framing::Chunked(CHUNK_START), reusable));
         }
         return Ok((Framing::Close, false));
     }
@@ -499,15 +554,10 @@ fn finish(
     resp: Response<()>,
     rest: BytesMut,
     no_body: bool,
-) -> Response<Http1Body> {
-    let (framing, reusable) = match framing(&resp, no_body) {
-        Ok(f) => f,
-        Err(e) => {
-            // The head parsed but its framing is unusable: the body fails at once.
-            let (parts, ()) = resp.into_parts();
-            return Response::from_parts(parts, Http1Body::failed(e));
-        }
-    };
+) -> io::Result<Response<Http1Body>> {
+    // A head whose framing is unusable (RFC 9112, 6.3: a bad or conflicting
+    // Content-Length) fails the call: the connection is closed.
+    let (framing, reusable) = framing(&resp, no_body)?;
     let mut body = Http1Body {
         conn: Some(Conn {
             io,
@@ -518,7 +568,6 @@ fn finish(
         buf: rest,
         next_read: MIN_READ * 2,
         framing,
-        error: None,
     };
     if body.framing == Framing::Done {
         let extra = !body.buf.is_empty();
@@ -526,7 +575,7 @@ fn finish(
         body.release(extra);
     }
     let (parts, ()) = resp.into_parts();
-    Response::from_parts(parts, body)
+    Ok(Response::from_parts(parts, body))
 }
 
 #[derive(Debug)]
@@ -540,6 +589,10 @@ struct Conn {
 /// The response body of [`Http1Client`]: the upstream's bytes as they
 /// arrive, transfer coding removed, one frame per socket read.
 ///
+/// A frame is a slice of the read buffer (up to 64 KiB), not a copy: what
+/// keeps a slice of a frame keeps the buffer. tower-sse's layers copy what
+/// they keep past delivery (the persist layer's history, dedup's IDs).
+///
 /// Errors are `io::Error`s: `UnexpectedEof` when the upstream closes the
 /// connection before the body's end, `InvalidData` for a malformed chunked
 /// body or response head framing.
@@ -551,20 +604,9 @@ pub struct Http1Body {
     buf: BytesMut,
     next_read: usize,
     framing: Framing,
-    error: Option<io::Error>,
 }
 
 impl Http1Body {
-    fn failed(e: io::Error) -> Self {
-        Http1Body {
-            conn: None,
-            buf: BytesMut::new(),
-            next_read: MIN_READ,
-            framing: Framing::Done,
-            error: Some(e),
-        }
-    }
-
     /// Ends the body's use of the connection: back to the pool when the
     /// message ended cleanly and nothing follows it, else closed.
     fn release(&mut self, extra: bool) {
@@ -609,7 +651,8 @@ impl Http1Body {
 
 /// Decodes chunked bytes in place: moves the chunks' data to the front of
 /// `buf`. Returns the data's length, the bytes used, and whether the
-/// message ended (bytes after its end are left unused).
+/// message ended (bytes after its end are left unused). Lines must end with
+/// CR LF; a chunk-size line and the trailer section are bounded.
 fn decode_chunked(state: &mut Chunked, buf: &mut [u8]) -> io::Result<(usize, usize, bool)> {
     let mut out = 0;
     let mut i = 0;
@@ -628,62 +671,72 @@ fn decode_chunked(state: &mut Chunked, buf: &mut [u8]) -> io::Result<(usize, usi
             Chunked::DataEnd(cr) => {
                 match (buf[i], *cr) {
                     (b'\r', false) => *cr = true,
-                    (b'\n', _) => {
-                        *state = Chunked::Size {
-                            size: 0,
-                            digits: false,
-                            ext: None,
-                        }
-                    }
+                    (b'\n', true) => *state = CHUNK_START,
                     _ => return Err(invalid("upstream chunk data not followed by CRLF")),
                 }
                 i += 1;
             }
-            Chunked::Size { size, digits, ext } => {
+            Chunked::Size { size, line, at } => {
                 let b = buf[i];
                 i += 1;
-                if b == b'\n' {
-                    if !*digits {
-                        return Err(invalid("upstream chunk size missing"));
-                    }
-                    if *size == 0 {
-                        *state = Chunked::Trailer { line: 0, total: 0 };
-                    } else {
-                        *state = Chunked::Data(*size);
-                    }
-                    continue;
+                *line += 1;
+                if *line > MAX_CHUNK_META {
+                    return Err(invalid("upstream chunk size line too long"));
                 }
-                match ext {
-                    None => match (b as char).to_digit(16) {
-                        Some(d) => {
-                            if *size >> 60 != 0 {
-                                return Err(invalid("upstream chunk size too large"));
-                            }
-                            *size = *size << 4 | u64::from(d);
-                            *digits = true;
+                match (*at, b) {
+                    (SizeLine::Digits, _) if b.is_ascii_hexdigit() => {
+                        if *size >> 60 != 0 {
+                            return Err(invalid("upstream chunk size too large"));
                         }
-                        None if *digits => *ext = Some(1),
-                        None => return Err(invalid("upstream chunk size is not hexadecimal")),
-                    },
-                    Some(n) => {
-                        *n += 1;
-                        if *n > MAX_CHUNK_META {
-                            return Err(invalid("upstream chunk extensions too long"));
-                        }
+                        let digit = (b as char).to_digit(16).unwrap_or(0);
+                        *size = *size << 4 | u64::from(digit);
                     }
+                    (SizeLine::Digits, _) if *line == 1 => {
+                        return Err(invalid("upstream chunk size is not hexadecimal"))
+                    }
+                    (SizeLine::Digits | SizeLine::Space, b' ' | b'\t') => *at = SizeLine::Space,
+                    (SizeLine::Digits | SizeLine::Space, b';') => *at = SizeLine::Ext,
+                    (SizeLine::Digits | SizeLine::Space | SizeLine::Ext, b'\r') => {
+                        *at = SizeLine::Cr
+                    }
+                    (_, b'\n') if *at != SizeLine::Cr => {
+                        return Err(invalid("upstream chunk size line not ended by CRLF"))
+                    }
+                    (SizeLine::Ext, _) => {}
+                    (SizeLine::Cr, b'\n') => {
+                        *state = if *size == 0 {
+                            Chunked::Trailer {
+                                line: 0,
+                                total: 0,
+                                cr: false,
+                            }
+                        } else {
+                            Chunked::Data(*size)
+                        };
+                    }
+                    (SizeLine::Cr, _) => {
+                        return Err(invalid("upstream chunk size line not ended by CRLF"))
+                    }
+                    _ => return Err(invalid("upstream chunk size is not hexadecimal")),
                 }
             }
-            Chunked::Trailer { line, total } => {
+            Chunked::Trailer { line, total, cr } => {
                 let b = buf[i];
                 i += 1;
                 *total += 1;
                 if *total > MAX_CHUNK_META {
                     return Err(invalid("upstream trailers too long"));
                 }
-                match b {
-                    b'\n' if *line == 0 => return Ok((out, i, true)),
-                    b'\n' => *line = 0,
-                    b'\r' => {}
+                match (b, *cr) {
+                    (b'\n', true) if *line == 0 => return Ok((out, i, true)),
+                    (b'\n', true) => {
+                        *line = 0;
+                        *cr = false;
+                    }
+                    (b'\r', false) => *cr = true,
+                    (b'\n', false) | (_, true) => {
+                        return Err(invalid("upstream trailer line not ended by CRLF"))
+                    }
                     _ => *line += 1,
                 }
             }
@@ -701,9 +754,6 @@ impl Body for Http1Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
-        if let Some(e) = this.error.take() {
-            return Poll::Ready(Some(Err(e)));
-        }
         loop {
             // Bytes that came with the head first.
             if !this.buf.is_empty() {
@@ -766,7 +816,7 @@ impl Body for Http1Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.framing == Framing::Done && self.error.is_none()
+        self.framing == Framing::Done
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -1075,6 +1125,96 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
     }
 
+    #[tokio::test]
+    async fn a_post_is_not_sent_twice_when_a_pooled_connection_closes_after_reading_it() {
+        // The first request is answered with keep-alive; the second, on the
+        // same connection, is read and the connection closed unanswered.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut first = true;
+                    loop {
+                        let mut buf = [0u8; 4096];
+                        match tcp.read(&mut buf).await {
+                            Ok(n) if n > 0 => {}
+                            _ => return,
+                        }
+                        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if !first {
+                            return;
+                        }
+                        first = false;
+                        tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        let client = Http1Client::new();
+        let post = || {
+            Request::post(format!("http://{addr}/rpc"))
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap()
+        };
+        let resp = client.clone().oneshot(post()).await.unwrap();
+        assert_eq!(body_of(resp).await.unwrap(), "ok");
+        let err = client.clone().oneshot(post()).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+        assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+        // A GET in the same spot goes again on a new connection.
+        let resp = client.clone().oneshot(get(addr, "/")).await.unwrap();
+        assert_eq!(body_of(resp).await.unwrap(), "ok");
+        let resp = client.clone().oneshot(get(addr, "/")).await.unwrap();
+        assert_eq!(body_of(resp).await.unwrap(), "ok");
+        assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn the_host_header_leaves_out_user_information_and_a_query_gets_a_path() {
+        let answer = b"HTTP/1.1 204 No Content\r\n\r\n".to_vec();
+        let (addr, _, heads) = server(vec![answer]).await;
+        let req = Request::get(format!("http://user:secret@{addr}?x=1"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = Http1Client::new().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), 204);
+        let head = lock(&heads)[0].clone();
+        assert!(
+            head.starts_with(&format!("GET /?x=1 HTTP/1.1\r\nhost: {addr}\r\n")),
+            "{head}"
+        );
+        assert!(!head.contains("secret"), "{head}");
+    }
+
+    #[test]
+    fn chunk_lines_must_be_well_formed_and_end_with_crlf() {
+        for (wire, expected) in [
+            (&b"5\nhello\r\n"[..], "CRLF"),
+            (b"5x\r\nhello\r\n", "hexadecimal"),
+            (b"1 0\r\nx\r\n", "hexadecimal"),
+            (b"2\r\nab\n", "CRLF"),
+            (b"0\r\ntrailer: x\n\r\n", "CRLF"),
+        ] {
+            let mut buf = wire.to_vec();
+            let err = decode_chunked(&mut CHUNK_START.clone(), &mut buf).unwrap_err();
+            assert!(err.to_string().contains(expected), "{expected}: {err}");
+        }
+        let mut long = b"0".repeat(MAX_CHUNK_META + 1);
+        let err = decode_chunked(&mut CHUNK_START.clone(), &mut long).unwrap_err();
+        assert!(err.to_string().contains("too long"), "{err}");
+        let mut ok = b"5 ; a=b\r\nhello\r\n0\r\n\r\n".to_vec();
+        let (out, used, done) = decode_chunked(&mut CHUNK_START.clone(), &mut ok).unwrap();
+        assert_eq!((&ok[..out], used, done), (&b"hello"[..], ok.len(), true));
+    }
+
     proptest! {
         /// Any chunking of any payload, fed in any pieces, decodes to the payload.
         #[test]
@@ -1089,7 +1229,7 @@ mod tests {
                 wire.extend_from_slice(b"\r\n");
             }
             wire.extend_from_slice(b"0\r\nt: 1\r\n\r\nNEXT");
-            let mut state = Chunked::Size { size: 0, digits: false, ext: None };
+            let mut state = CHUNK_START;
             let mut decoded = Vec::new();
             let mut rest = &wire[..];
             let mut cut = cuts.iter().cycle();
