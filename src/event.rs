@@ -735,7 +735,7 @@ fn parse_single(raw: Bytes) -> Event {
 /// The `prefix-integer` split of an ID's bytes. One pass from the end, each
 /// digit added at its power of ten as it is found: up to 19 digits cannot
 /// overflow u64, so no checks per digit; longer runs take the checked path.
-fn sequence_of(id: &[u8]) -> Option<(&[u8], u64)> {
+pub(crate) fn sequence_of(id: &[u8]) -> Option<(&[u8], u64)> {
     const POW10: [u64; 19] = {
         let mut p = [1u64; 19];
         let mut i = 1;

@@ -37,6 +37,133 @@ pub struct StoredEvent {
     pub stored_at_ms: u64,
 }
 
+/// Events of one stream to store, their bytes in one buffer: what the
+/// persist layer hands [`EventStore::append_batch`]. A store that keeps events
+/// in memory can keep the batch as it is (one buffer, fixed-size entries, no
+/// reference count per event); others take [`into_events`](Self::into_events).
+///
+/// ```
+/// use tower_sse::store::StoredBatch;
+/// use tower_sse::EventId;
+///
+/// let mut batch = StoredBatch::builder(2, 64);
+/// batch.push(1, &EventId::from_u64(7), b"id: 7\ndata: a\n\n", 0);
+/// batch.push(2, &EventId::from_u64(8), b"id: 8\ndata: b\n\n", 0);
+/// let events = batch.finish().into_events();
+/// assert_eq!(events[1].id, EventId::from_u64(8));
+/// assert_eq!(&events[1].raw[..], b"id: 8\ndata: b\n\n");
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct StoredBatch {
+    buf: Bytes,
+    entries: Vec<BatchEntry>,
+}
+
+/// Builds a [`StoredBatch`].
+#[derive(Debug, Default)]
+pub struct StoredBatchBuilder {
+    buf: bytes::BytesMut,
+    entries: Vec<BatchEntry>,
+}
+
+/// One event of a batch: its wire bytes at `buf[raw..raw + raw_len]`, its
+/// ID's `id_len` bytes right after them.
+#[derive(Debug, Clone, Copy)]
+struct BatchEntry {
+    seq: u64,
+    stored_at_ms: u64,
+    raw: usize,
+    raw_len: u32,
+    id_len: u32,
+}
+
+impl StoredBatch {
+    /// A builder with room for `events` events of `bytes` bytes in all (wire bytes and IDs).
+    pub fn builder(events: usize, bytes: usize) -> StoredBatchBuilder {
+        StoredBatchBuilder {
+            buf: bytes::BytesMut::with_capacity(bytes),
+            entries: Vec::with_capacity(events),
+        }
+    }
+
+    /// A batch of `events`, copied.
+    pub fn from_events(events: &[StoredEvent]) -> StoredBatch {
+        let bytes = events.iter().map(|e| e.raw.len() + e.id.len()).sum();
+        let mut batch = StoredBatch::builder(events.len(), bytes);
+        for e in events {
+            batch.push(e.seq, &e.id, &e.raw, e.stored_at_ms);
+        }
+        batch.finish()
+    }
+
+    /// How many events the batch holds.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the batch holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The events, as slices of the batch's buffer.
+    pub fn into_events(self) -> Vec<StoredEvent> {
+        (0..self.len()).map(|i| self.event(i)).collect()
+    }
+
+    fn id_range(&self, i: usize) -> std::ops::Range<usize> {
+        let e = &self.entries[i];
+        let start = e.raw + e.raw_len as usize;
+        start..start + e.id_len as usize
+    }
+
+    fn id_bytes(&self, i: usize) -> &[u8] {
+        &self.buf[self.id_range(i)]
+    }
+
+    fn id(&self, i: usize) -> EventId {
+        EventId::from_validated_part(&self.buf, self.id_range(i))
+    }
+
+    fn event(&self, i: usize) -> StoredEvent {
+        let e = &self.entries[i];
+        StoredEvent {
+            seq: e.seq,
+            id: self.id(i),
+            raw: self.buf.slice(e.raw..e.raw + e.raw_len as usize),
+            stored_at_ms: e.stored_at_ms,
+        }
+    }
+}
+
+impl StoredBatchBuilder {
+    /// Adds an event: its store sequence, ID, wire bytes (with an explicit
+    /// `id` line) and time stored. Events longer than 4 GiB are not stored.
+    pub fn push(&mut self, seq: u64, id: &EventId, raw: &[u8], stored_at_ms: u64) {
+        let (Ok(raw_len), Ok(id_len)) = (u32::try_from(raw.len()), u32::try_from(id.len())) else {
+            return;
+        };
+        let start = self.buf.len();
+        self.buf.extend_from_slice(raw);
+        self.buf.extend_from_slice(id.as_bytes());
+        self.entries.push(BatchEntry {
+            seq,
+            stored_at_ms,
+            raw: start,
+            raw_len,
+            id_len,
+        });
+    }
+
+    /// The batch.
+    pub fn finish(self) -> StoredBatch {
+        StoredBatch {
+            buf: self.buf.freeze(),
+            entries: self.entries,
+        }
+    }
+}
+
 /// What a resume found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ResumeOutcome {
@@ -137,6 +264,17 @@ pub trait EventStore: Send + Sync + 'static {
         key: &'a StreamKey,
         events: Vec<StoredEvent>,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Appends a batch of one stream's events (as [`append`](Self::append));
+    /// the persist layer stores through this. The default hands the events
+    /// to `append`; the memory store keeps the batch as it is.
+    fn append_batch<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        batch: StoredBatch,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.append(key, batch.into_events())
+    }
 
     /// Up to `limit` events after `after`, with the outcome.
     fn replay<'a>(
@@ -345,95 +483,42 @@ pub fn classify_missing(
     ResumeOutcome::UnknownCursor
 }
 
-/// A log's events, oldest first, in chunks of at most [`CHUNK`] slots.
-///
-/// Trimming gives a chunk back as soon as its last event goes, so a log holds
-/// at most one partly used chunk at each end beyond its events however long
-/// it once was, and neither an append nor a trim ever moves the events held
-/// (one growing buffer would copy them all each time it doubled, and keep
-/// its high-water size after a trim).
-#[derive(Default)]
-struct Slots {
-    chunks: VecDeque<VecDeque<StoredEvent>>,
-    len: usize,
-    /// The chunks' slots in all.
-    slots: usize,
+/// A batch in a stream's log: the events of one append, the first `front`
+/// of them trimmed already. Trimming touches no event's bytes and no
+/// reference count; the batch goes, buffer and entries at once, with its
+/// last event.
+struct Held {
+    batch: StoredBatch,
+    front: usize,
 }
 
-/// The most slots of a chunk; a log's first chunks are smaller, sized to
-/// what it holds, so that a stream of a few events keeps a few slots.
-const CHUNK: usize = 64;
-
-impl Slots {
-    fn len(&self) -> usize {
-        self.len
+impl Held {
+    fn live(&self) -> std::ops::Range<usize> {
+        self.front..self.batch.len()
     }
 
-    fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    fn push_back(&mut self, ev: StoredEvent) {
-        let chunk = match self.chunks.back_mut() {
-            Some(chunk) if chunk.len() < chunk.capacity() => chunk,
-            _ => {
-                let chunk = VecDeque::with_capacity(self.len.clamp(4, CHUNK));
-                self.slots += chunk.capacity();
-                self.chunks.push_back(chunk);
-                self.chunks.back_mut().expect("pushed")
-            }
-        };
-        chunk.push_back(ev);
-        self.len += 1;
-    }
-
-    /// The oldest event, and the slots freed with it (its chunk's, when it
-    /// was the chunk's last).
-    fn pop_front(&mut self) -> Option<(StoredEvent, usize)> {
-        let chunk = self.chunks.front_mut()?;
-        let ev = chunk.pop_front()?;
-        self.len -= 1;
-        let mut freed = 0;
-        if chunk.is_empty() {
-            freed = chunk.capacity();
-            self.slots -= freed;
-            self.chunks.pop_front();
-            if self.chunks.capacity() > 4 * self.chunks.len().max(4) {
-                self.chunks.shrink_to(2 * self.chunks.len());
-            }
-        }
-        Some((ev, freed))
-    }
-
-    fn front(&self) -> Option<&StoredEvent> {
-        self.chunks.front().and_then(VecDeque::front)
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &StoredEvent> {
-        self.chunks.iter().flatten()
-    }
-
-    /// The first event `before` is false of, where it is true of every
-    /// event before that one and false of every one after (a binary search).
-    fn first_not(&self, before: impl Fn(&StoredEvent) -> bool) -> Option<&StoredEvent> {
-        let i = self
-            .chunks
-            .partition_point(|c| c.back().is_some_and(&before));
-        let chunk = self.chunks.get(i)?;
-        chunk.get(chunk.partition_point(&before))
-    }
-
-    /// The memory of the slots and of the chunk list.
-    fn memory(&self) -> usize {
-        self.slots * SLOT + self.chunks.capacity() * std::mem::size_of::<VecDeque<StoredEvent>>()
+    fn entry(&self, i: usize) -> &BatchEntry {
+        &self.batch.entries[i]
     }
 }
 
+/// The memory an event is accounted: its wire bytes and ID and its entry.
+fn entry_memory(e: &BatchEntry) -> u64 {
+    u64::from(e.raw_len) + u64::from(e.id_len) + ENTRY as u64
+}
+
+/// A stream's events, oldest first, in the batches they were appended in.
 #[derive(Default)]
 struct Log {
-    events: Slots,
-    order: Order,
+    batches: VecDeque<Held>,
+    /// Events held.
+    len: usize,
+    /// Their wire bytes (what retention's `max_bytes` counts).
     bytes: u64,
+    /// Their memory: wire bytes, IDs and entries (not what is left of a
+    /// batch whose first events were trimmed).
+    memory: u64,
+    order: Order,
     cursor: Option<EventId>,
     last_seq: u64,
     touched_ms: u64,
@@ -460,63 +545,149 @@ impl Default for Order {
 }
 
 impl Log {
-    fn push(&mut self, ev: StoredEvent) {
-        if let Order::Sequential { prefix, last } = &mut self.order {
-            // Bytes, length first: no UTF-8 check and, for the usual empty
-            // prefix, no `memcmp` call per event.
-            let fits = match (ev.id.sequence_bytes(), prefix.as_deref()) {
-                (Some((p, n)), Some(held))
-                    if n > *last
-                        && p.len() == held.len()
-                        && (p.is_empty() || p == held.as_bytes()) =>
-                {
-                    *last = n;
-                    true
-                }
-                (Some(_), None) if self.events.is_empty() => match ev.id.sequence() {
-                    Some((p, n)) => {
-                        *prefix = Some(p.into());
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The events held (batch, index), oldest first.
+    fn positions(&self) -> impl Iterator<Item = (&Held, usize)> + '_ {
+        self.batches
+            .iter()
+            .flat_map(|h| h.live().map(move |i| (h, i)))
+    }
+
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = StoredEvent> + '_ {
+        self.positions().map(|(h, i)| h.batch.event(i))
+    }
+
+    fn front(&self) -> Option<StoredEvent> {
+        let (h, i) = self.positions().next()?;
+        Some(h.batch.event(i))
+    }
+
+    fn front_stored_at(&self) -> Option<u64> {
+        let (h, i) = self.positions().next()?;
+        Some(h.entry(i).stored_at_ms)
+    }
+
+    /// Up to `limit` events after store sequence `seq`, oldest first.
+    fn after(&self, seq: u64, limit: usize) -> Vec<StoredEvent> {
+        self.batches
+            .iter()
+            .skip_while(|h| h.batch.entries.last().is_some_and(|e| e.seq <= seq))
+            .flat_map(|h| h.live().map(move |i| (h, i)))
+            .skip_while(|(h, i)| h.entry(*i).seq <= seq)
+            .take(limit)
+            .map(|(h, i)| h.batch.event(i))
+            .collect()
+    }
+
+    /// The IDs of the newest `limit` events, oldest first.
+    fn recent_ids(&self, limit: usize) -> Vec<EventId> {
+        let skip = self.len.saturating_sub(limit);
+        self.positions()
+            .skip(skip)
+            .map(|(h, i)| h.batch.id(i).detached())
+            .collect()
+    }
+
+    /// Appends a batch: the events' order is checked (and indexed if need
+    /// be) one by one; the batch is kept as it is.
+    fn push(&mut self, batch: StoredBatch) {
+        for k in 0..batch.len() {
+            let id = batch.id(k);
+            let e = batch.entries[k];
+            if let Order::Sequential { prefix, last } = &mut self.order {
+                // Bytes, length first: no UTF-8 check and, for the usual empty
+                // prefix, no `memcmp` call per event.
+                let fits = match (id.sequence_bytes(), prefix.as_deref()) {
+                    (Some((p, n)), Some(held))
+                        if n > *last
+                            && p.len() == held.len()
+                            && (p.is_empty() || p == held.as_bytes()) =>
+                    {
                         *last = n;
                         true
                     }
-                    None => false,
-                },
-                _ => false,
-            };
-            if !fits {
-                let index = self.events.iter().map(|e| (e.id.clone(), e.seq)).collect();
-                self.order = Order::Indexed(index);
+                    (Some(_), None) if self.len == 0 && k == 0 => match id.sequence() {
+                        Some((p, n)) => {
+                            *prefix = Some(p.into());
+                            *last = n;
+                            true
+                        }
+                        None => false,
+                    },
+                    _ => false,
+                };
+                if !fits {
+                    let held = self
+                        .positions()
+                        .map(|(h, i)| (h.batch.id(i).detached(), h.entry(i).seq));
+                    let earlier = (0..k).map(|j| (batch.id(j).detached(), batch.entries[j].seq));
+                    self.order = Order::Indexed(held.chain(earlier).collect());
+                }
             }
+            if let Order::Indexed(index) = &mut self.order {
+                index.insert(id.detached(), e.seq);
+            }
+            self.bytes += u64::from(e.raw_len);
+            self.memory += entry_memory(&e);
         }
-        if let Order::Indexed(index) = &mut self.order {
-            index.insert(ev.id.clone(), ev.seq);
+        if !batch.is_empty() {
+            self.len += batch.len();
+            self.batches.push_back(Held { batch, front: 0 });
         }
-        self.bytes += ev.raw.len() as u64;
-        self.events.push_back(ev);
     }
 
-    /// Drops the oldest event; returns the memory that frees: its bytes, and
-    /// its chunk's slots when it was the chunk's last.
+    /// Drops the oldest event; returns the memory that frees (its batch goes
+    /// with its last event).
     fn trim_front(&mut self) -> u64 {
         let mut freed = 0;
-        if let Some((old, slots)) = self.events.pop_front() {
-            self.bytes -= old.raw.len() as u64;
-            freed = (old.raw.len() + slots * SLOT) as u64;
+        if let Some(h) = self.batches.front_mut() {
+            let e = *h.entry(h.front);
             if let Order::Indexed(index) = &mut self.order {
-                if index.get(&old.id) == Some(&old.seq) {
-                    index.remove(&old.id);
+                let id = h.batch.id(h.front);
+                if index.get(&id) == Some(&e.seq) {
+                    index.remove(&id);
+                }
+            }
+            h.front += 1;
+            self.len -= 1;
+            self.bytes -= u64::from(e.raw_len);
+            freed = entry_memory(&e);
+            self.memory -= freed;
+            if h.front == h.batch.len() {
+                self.batches.pop_front();
+                if self.batches.capacity() > 4 * self.batches.len().max(4) {
+                    self.batches.shrink_to(2 * self.batches.len());
                 }
             }
         }
-        if self.events.is_empty() {
+        if self.is_empty() {
             self.order = Order::default();
         }
         freed
     }
 
-    /// Gives back the ID index's spare room once at most a quarter is in
-    /// use, keeping twice what is.
+    /// Copies what is left of the oldest batch, once half of it was trimmed,
+    /// into a batch of its own size, where that half is not about to go
+    /// anyway: when the batch is the log's only one (a stream trimmed down to
+    /// its newest events holds no more than them) or a large one. Streams
+    /// whose batches come and go, as the persist layer's do, never pay it.
+    /// Then gives back the ID index's spare room once at most a quarter is
+    /// in use, keeping twice what is.
     fn compact(&mut self) {
+        if let Some(h) = self.batches.front() {
+            let half_gone = h.front > 0 && 2 * h.front >= h.batch.len();
+            if half_gone && (self.batches.len() == 1 || h.batch.len() > LARGE_BATCH) {
+                let live: Vec<StoredEvent> = h.live().map(|i| h.batch.event(i)).collect();
+                let batch = StoredBatch::from_events(&live);
+                if let Some(h) = self.batches.front_mut() {
+                    *h = Held { batch, front: 0 };
+                }
+            }
+        }
         if let Order::Indexed(index) = &mut self.order {
             if index.capacity() > 4 * index.len().max(MIN_SLOTS) {
                 index.shrink_to(2 * index.len());
@@ -524,9 +695,9 @@ impl Log {
         }
     }
 
-    /// Runs `f` on the log, gives back the index's spare room, and moves
-    /// `held` (the store's total) by what the log's accounted memory changed:
-    /// every change to a log goes through here.
+    /// Runs `f` on the log, gives back spare room, and moves `held` (the
+    /// store's total) by what the log's accounted memory changed: every
+    /// change to a log goes through here.
     fn update<R>(&mut self, held: &mut u64, f: impl FnOnce(&mut Log) -> R) -> R {
         let before = self.accounted();
         let out = f(self);
@@ -535,14 +706,14 @@ impl Log {
         out
     }
 
-    /// The memory this log is accounted: its events' bytes, its slots (spare
-    /// ones included) and its ID index, if it has one.
+    /// The memory this log is accounted: its events (wire bytes, IDs and
+    /// entries), the batch list and its ID index, if it has one.
     fn accounted(&self) -> u64 {
         let index = match &self.order {
             Order::Indexed(index) => index.capacity() * INDEX_SLOT,
             Order::Sequential { .. } => 0,
         };
-        self.bytes + (self.events.memory() + index) as u64
+        self.memory + (self.batches.capacity() * HELD + index) as u64
     }
 
     /// The store sequence of the newest event carrying `id`.
@@ -550,22 +721,43 @@ impl Log {
         match &self.order {
             Order::Indexed(index) => index.get(id).copied(),
             Order::Sequential { prefix, .. } => {
-                let (p, n) = id.sequence()?;
-                if Some(p) != prefix.as_deref() {
+                let (p, n) = id.sequence_bytes()?;
+                if Some(p) != prefix.as_deref().map(str::as_bytes) {
                     return None;
                 }
-                let number = |e: &StoredEvent| e.id.sequence().map_or(0, |(_, m)| m);
-                self.events
-                    .first_not(|e| number(e) < n)
-                    .filter(|e| e.id == *id)
-                    .map(|e| e.seq)
+                let number = |h: &Held, i: usize| {
+                    crate::event::sequence_of(h.batch.id_bytes(i)).map_or(0, |(_, m)| m)
+                };
+                // The first batch whose newest event is not before `n`, then
+                // the first event in it that is not.
+                let b = self
+                    .batches
+                    .partition_point(|h| !h.batch.is_empty() && number(h, h.batch.len() - 1) < n);
+                let h = self.batches.get(b)?;
+                let (mut i, mut end) = (h.front, h.batch.len());
+                while i < end {
+                    let mid = i + (end - i) / 2;
+                    if number(h, mid) < n {
+                        i = mid + 1;
+                    } else {
+                        end = mid;
+                    }
+                }
+                (i < h.batch.len() && h.batch.id_bytes(i) == id.as_bytes()).then(|| h.entry(i).seq)
             }
         }
     }
 }
 
-/// The memory of one slot of a stream's log.
-const SLOT: usize = std::mem::size_of::<StoredEvent>();
+/// The memory of one event's entry in a stream's log.
+const ENTRY: usize = std::mem::size_of::<BatchEntry>();
+
+/// The memory of one slot of a log's batch list.
+const HELD: usize = std::mem::size_of::<Held>();
+
+/// A batch of more events than this is copied down once half of it was
+/// trimmed (see [`Log::compact`]).
+const LARGE_BATCH: usize = 1024;
 
 /// The memory of one entry of a log's ID index (with its control byte).
 const INDEX_SLOT: usize = std::mem::size_of::<(EventId, u64)>() + 1;
@@ -579,12 +771,13 @@ const MIN_SLOTS: usize = 8;
 ///
 /// Besides each stream's [`Retention`], the whole store holds at most
 /// [`max_total_bytes`](Self::max_total_bytes) (default 256 MiB). It counts
-/// the events' bytes, the slots of each stream's log, spare ones included,
-/// and any ID index; a log keeps its slots in chunks of 64 at most and gives
-/// each back when its last event goes, so a stream that was long once holds
-/// no more than it is counted. Not counted: each stream's map entry and key,
-/// and the rest of a batch's buffer whose first events were trimmed (the
-/// persist layer stores a batch's events in one buffer). An append
+/// the events' bytes and IDs, a 32-byte entry per event, each log's list of
+/// batches and any ID index. A log keeps the batches it was appended in
+/// ([`EventStore::append_batch`]: one buffer and one entry list each, as the
+/// persist layer makes them) and gives each back when its last event goes.
+/// Not counted: each stream's map entry and key, and the rest of a batch
+/// whose first events were trimmed (a log's only batch, or a batch of over
+/// 1,024 events, is copied down once half of it was). An append
 /// that crosses the budget trims every stream's oldest events, each stream in
 /// proportion to what it holds, down to 90% of the budget. Each stream keeps
 /// at least its newest event, so the store may exceed the budget by one event
@@ -645,16 +838,25 @@ impl Streams {
             return;
         }
         self.shrinks += 1;
-        let total = self.held as u128;
-        for log in self.logs.values_mut() {
-            // This stream's share of the excess, rounded up.
-            log.update(&mut self.held, |log| {
-                let share = (log.accounted() as u128 * excess as u128).div_ceil(total) as u64;
-                let mut freed = 0;
-                while freed < share && log.events.len() > 1 {
-                    freed += log.trim_front();
-                }
-            });
+        let mut excess = excess;
+        // A stream down to its newest event frees less than its share: the
+        // next pass takes what is left from the others.
+        for _ in 0..3 {
+            let total = self.held as u128;
+            for log in self.logs.values_mut() {
+                // This stream's share of the excess, rounded up.
+                log.update(&mut self.held, |log| {
+                    let share = (log.accounted() as u128 * excess as u128).div_ceil(total) as u64;
+                    let mut freed = 0;
+                    while freed < share && log.len > 1 {
+                        freed += log.trim_front();
+                    }
+                });
+            }
+            excess = self.held.saturating_sub(target);
+            if excess == 0 || self.held as u128 == total {
+                break;
+            }
         }
         self.floor = if self.held > target { self.held } else { 0 };
     }
@@ -718,12 +920,51 @@ impl MemoryStore {
         lock(&self.streams).held
     }
 
+    /// Appends a batch to its stream's log, then applies retention and the budget.
+    fn store(&self, key: &StreamKey, batch: StoredBatch) -> Result<(), StoreError> {
+        let mut guard = lock(&self.streams);
+        let streams = &mut *guard;
+        let full = streams.logs.len() >= self.retention.max_streams;
+        // One hash of the key per batch.
+        let log = match streams.logs.entry(key.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(_) if full => {
+                return Err(StoreError::Backend(
+                    "too many streams in the memory store".into(),
+                ));
+            }
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(Log::default()),
+        };
+        log.update(&mut streams.held, |log| {
+            if let Some(last) = batch.entries.last() {
+                log.touched_ms = last.stored_at_ms;
+            }
+            log.last_seq = batch
+                .entries
+                .iter()
+                .map(|e| e.seq)
+                .fold(log.last_seq, u64::max);
+            log.push(batch);
+            while log.len > self.retention.max_events
+                || (log.bytes > self.retention.max_bytes && log.len > 1)
+            {
+                log.trim_front();
+            }
+        });
+        let held = streams.held;
+        let slack = self.max_total_bytes / 10;
+        if held > self.max_total_bytes && held > streams.floor.saturating_add(slack) {
+            streams.shrink_to(self.max_total_bytes / 10 * 9);
+        }
+        Ok(())
+    }
+
     /// Events and bytes held for a stream.
     pub fn usage(&self, key: &StreamKey) -> (usize, u64) {
         lock(&self.streams)
             .logs
             .get(key)
-            .map_or((0, 0), |l| (l.events.len(), l.bytes))
+            .map_or((0, 0), |l| (l.len, l.bytes))
     }
 }
 
@@ -739,39 +980,16 @@ impl EventStore for MemoryStore {
         key: &'a StreamKey,
         events: Vec<StoredEvent>,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let result = (|| {
-            let mut guard = lock(&self.streams);
-            let streams = &mut *guard;
-            let full = streams.logs.len() >= self.retention.max_streams;
-            // One hash of the key per batch.
-            let log = match streams.logs.entry(key.clone()) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(_) if full => {
-                    return Err(StoreError::Backend(
-                        "too many streams in the memory store".into(),
-                    ));
-                }
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(Log::default()),
-            };
-            log.update(&mut streams.held, |log| {
-                for ev in events {
-                    log.last_seq = log.last_seq.max(ev.seq);
-                    log.touched_ms = ev.stored_at_ms;
-                    log.push(ev);
-                    while log.events.len() > self.retention.max_events
-                        || (log.bytes > self.retention.max_bytes && log.events.len() > 1)
-                    {
-                        log.trim_front();
-                    }
-                }
-            });
-            let held = streams.held;
-            let slack = self.max_total_bytes / 10;
-            if held > self.max_total_bytes && held > streams.floor.saturating_add(slack) {
-                streams.shrink_to(self.max_total_bytes / 10 * 9);
-            }
-            Ok(())
-        })();
+        let result = self.store(key, StoredBatch::from_events(&events));
+        Box::pin(async move { result })
+    }
+
+    fn append_batch<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        batch: StoredBatch,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let result = self.store(key, batch);
         Box::pin(async move { result })
     }
 
@@ -791,16 +1009,10 @@ impl EventStore for MemoryStore {
                 Some(log) => match log.find(after) {
                     Some(seq) => ReplayPage {
                         outcome: ResumeOutcome::Recovered,
-                        events: log
-                            .events
-                            .iter()
-                            .skip_while(|e| e.seq <= seq)
-                            .take(limit)
-                            .cloned()
-                            .collect(),
+                        events: log.after(seq, limit),
                     },
                     None => ReplayPage {
-                        outcome: classify_missing(&self.epoch, after, log.events.front()),
+                        outcome: classify_missing(&self.epoch, after, log.front().as_ref()),
                         events: Vec::new(),
                     },
                 },
@@ -855,14 +1067,14 @@ impl EventStore for MemoryStore {
             let streams = &mut *guard;
             for log in streams.logs.values_mut() {
                 log.update(&mut streams.held, |log| {
-                    while log.events.front().is_some_and(|e| e.stored_at_ms < cutoff) {
+                    while log.front_stored_at().is_some_and(|at| at < cutoff) {
                         log.trim_front();
                         deleted += 1;
                     }
                 });
             }
             streams.logs.retain(|_, l| {
-                let keep = !l.events.is_empty() || l.touched_ms >= cutoff;
+                let keep = !l.is_empty() || l.touched_ms >= cutoff;
                 if !keep {
                     streams.held -= l.accounted();
                 }
@@ -884,10 +1096,7 @@ impl EventStore for MemoryStore {
         let ids = lock(&self.streams)
             .logs
             .get(key)
-            .map_or_else(Vec::new, |log| {
-                let skip = log.events.len().saturating_sub(limit);
-                log.events.iter().skip(skip).map(|e| e.id.clone()).collect()
-            });
+            .map_or_else(Vec::new, |log| log.recent_ids(limit));
         Box::pin(async move { Ok(ids) })
     }
 }
@@ -978,7 +1187,7 @@ mod tests {
             .unwrap();
         assert_eq!(page.outcome, ResumeOutcome::UnknownCursor);
         assert_eq!(held_by_logs(&store), store.total_bytes());
-        assert!(store.total_bytes() <= 2 * (1000 + (4 * MIN_SLOTS * SLOT) as u64));
+        assert!(store.total_bytes() <= 2 * (1000 + (4 * MIN_SLOTS * ENTRY) as u64));
     }
 
     #[tokio::test]
@@ -997,7 +1206,7 @@ mod tests {
             }
         }
         // An event and the most slots a log of one or two events keeps.
-        let one = 4096 + (4 * MIN_SLOTS * SLOT) as u64;
+        let one = 4096 + (4 * MIN_SLOTS * ENTRY) as u64;
         assert!(keys.iter().all(|k| store.usage(k).0 <= 2));
         assert!(store.total_bytes() <= 200 * one + (256 << 10) / 10 + one);
         // 4,000 appends over the budget: a trim per tenth of the budget appended, not per append.
@@ -1031,14 +1240,21 @@ mod tests {
         assert_eq!(store.total_bytes(), 0);
     }
 
-    /// What the logs hold by their own count; each keeps at most two chunks
-    /// of slots beyond its events.
+    /// What the logs hold by their own count; a log keeps no more than one
+    /// part-trimmed batch, and an only batch at most half trimmed.
     fn held_by_logs(store: &MemoryStore) -> u64 {
         let streams = lock(&store.streams);
         for log in streams.logs.values() {
-            let (len, slots) = (log.events.len(), log.events.slots);
-            assert!(slots <= len + 2 * CHUNK, "{slots} slots for {len} events");
-            assert_eq!(len, log.events.iter().count());
+            assert_eq!(log.len, log.iter().count());
+            assert!(log.batches.iter().skip(1).all(|h| h.front == 0));
+            if let (1, Some(h)) = (log.batches.len(), log.batches.front()) {
+                assert!(
+                    2 * h.front < h.batch.len(),
+                    "{} of {} trimmed",
+                    h.front,
+                    h.batch.len()
+                );
+            }
         }
         streams.logs.values().map(Log::accounted).sum()
     }
@@ -1050,7 +1266,7 @@ mod tests {
         let events = (1..=5000).map(|n| ev(n, &n.to_string(), 10)).collect();
         store.append(&key, events).await.unwrap();
         let long = store.total_bytes();
-        assert!(long >= 5000 * (10 + SLOT as u64));
+        assert!(long >= 5000 * (10 + ENTRY as u64));
         // A budget of half that trims it to 90% of the budget, and what it
         // held for the trimmed events, slots included, is given back.
         let store = store.max_total_bytes(long / 2);
@@ -1069,34 +1285,65 @@ mod tests {
     }
 
     #[test]
-    fn slots_find_and_trim_across_chunks_as_one_queue_would() {
-        let mut slots = Slots::default();
+    fn a_log_finds_replays_and_trims_across_batches_as_one_queue_would() {
+        let mut log = Log::default();
         let mut model = VecDeque::new();
-        for n in 1..=700u64 {
-            slots.push_back(ev(n, &n.to_string(), 1));
-            model.push_back(n);
-            // Trim a little now and then, so chunks start part-used.
-            if n % 7 == 0 {
-                let (old, _) = slots.pop_front().unwrap();
-                assert_eq!(Some(old.seq), model.pop_front());
+        let mut n = 0u64;
+        // Batches of 1 to 9 events; a little trimmed now and then, so
+        // batches start part-used.
+        for size in (0..120).map(|i| 1 + (i * 7) % 9) {
+            let batch: Vec<StoredEvent> = (0..size)
+                .map(|_| {
+                    n += 1;
+                    ev(n, &n.to_string(), 1 + (n % 5) as usize)
+                })
+                .collect();
+            log.push(StoredBatch::from_events(&batch));
+            model.extend((n + 1 - size as u64)..=n);
+            if n.is_multiple_of(3) {
+                log.trim_front();
+                model.pop_front();
             }
-            assert_eq!(slots.len(), model.len());
-            assert_eq!(slots.front().map(|e| e.seq), model.front().copied());
+            assert_eq!(log.len, model.len());
+            assert_eq!(log.front().map(|e| e.seq), model.front().copied());
         }
-        assert!(slots.iter().map(|e| e.seq).eq(model.iter().copied()));
-        assert!(slots.slots <= slots.len() + 2 * CHUNK);
-        for target in 0..=702u64 {
-            let found = slots.first_not(|e| e.seq < target).map(|e| e.seq);
-            assert_eq!(
-                found,
-                model.iter().copied().find(|&m| m >= target),
-                "{target}"
-            );
+        assert!(log.iter().map(|e| e.seq).eq(model.iter().copied()));
+        for e in log.iter() {
+            assert_eq!(e.id, EventId::from_u64(e.seq));
+            assert_eq!(e.raw.len(), 1 + (e.seq % 5) as usize);
         }
-        while let Some((old, _)) = slots.pop_front() {
-            assert_eq!(Some(old.seq), model.pop_front());
+        for target in 0..=n + 2 {
+            let found = log.find(&EventId::from_u64(target));
+            assert_eq!(found, model.contains(&target).then_some(target), "{target}");
+            let after: Vec<u64> = log.after(target, 5).iter().map(|e| e.seq).collect();
+            let expected: Vec<u64> = model
+                .iter()
+                .copied()
+                .filter(|&m| m > target)
+                .take(5)
+                .collect();
+            assert_eq!(after, expected, "{target}");
         }
-        assert_eq!((slots.len(), slots.slots, slots.chunks.len()), (0, 0, 0));
+        let ids: Vec<u64> = log
+            .recent_ids(4)
+            .iter()
+            .map(|id| id.sequence().unwrap().1)
+            .collect();
+        assert_eq!(
+            ids,
+            model
+                .iter()
+                .copied()
+                .skip(model.len() - 4)
+                .collect::<Vec<_>>()
+        );
+        let mut memory = log.memory;
+        while let Some(front) = model.pop_front() {
+            assert_eq!(log.front().map(|e| e.seq), Some(front));
+            memory -= log.trim_front();
+        }
+        assert_eq!((log.len, log.bytes, log.memory, memory), (0, 0, 0, 0));
+        assert!(log.batches.is_empty());
     }
 
     fn key(s: &str) -> StreamKey {

@@ -111,7 +111,8 @@ pub(crate) fn start(target: Target, chain: Chain, linger_for: Duration) {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    // Kept whenever a linger is configured: without it no client could take over.
+    // Kept whenever a linger or take-over is configured: without one no
+    // client could take over.
     let Some(head) = target.head.clone() else {
         target.state.lingered.notify_waiters();
         return;

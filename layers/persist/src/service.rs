@@ -372,8 +372,9 @@ where
                     if !is_stream {
                         return Ok(resp);
                     }
-                    // Only a lingering upstream is taken over with its head.
-                    let head = config.linger.is_some().then(|| {
+                    // Only an upstream left lingering or handed over to a
+                    // resume is taken over with its head.
+                    let head = (config.linger.is_some() || config.resume_takes_over).then(|| {
                         Arc::new(Head {
                             status: resp.status(),
                             headers: tower_sse::detach_headers(resp.headers()),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tower_sse::body::Below;
 use tower_sse::parse::Frame;
 use tower_sse::registry::StreamState;
-use tower_sse::store::{now_unix_ms, EventStore, ReplayPage, StoreError, StoredEvent};
+use tower_sse::store::{now_unix_ms, EventStore, ReplayPage, StoreError, StoredBatch, StoredEvent};
 use tower_sse::{
     BoxError, Chain, Close, CloseReason, Counter, Event, EventId, Registry, Stage, StreamKey,
 };
@@ -38,7 +38,8 @@ pub(crate) struct Target {
     pub state: Arc<PersistStream>,
     pub config: Arc<Config>,
     /// The response's status and headers, kept only where a client may take
-    /// the stream over (a linger is configured, or it already was taken over).
+    /// the stream over (a linger or resume take-over is configured, or it
+    /// already was taken over).
     pub head: Option<Arc<Head>>,
 }
 
@@ -120,7 +121,7 @@ pub(crate) struct Recorder {
     /// task: batches are appended one after another, in stream order (appends
     /// spawned one by one could reach the store out of order, and a store skips
     /// sequence numbers at or below its last: events would be lost).
-    async_writes: Option<tokio::sync::mpsc::Sender<Vec<StoredEvent>>>,
+    async_writes: Option<tokio::sync::mpsc::Sender<StoredBatch>>,
     /// Room for the next batch: the last batch's size rounded up to a power
     /// of two. A batch grown from empty reallocated its queue and its
     /// sequence list several times on every pull, and keeping the last
@@ -169,52 +170,29 @@ impl Recorder {
         Some(self.seq.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
-    /// What to store for a batch: the events' bytes (and the IDs too long to
-    /// be held inline) are copied into one buffer, so stored events never pin
-    /// the upstream chunks they came in, at one allocation per batch rather
-    /// than two per event.
-    fn stored(frames: &VecDeque<Frame>, seqs: &[(usize, u64)], now_ms: u64) -> Vec<StoredEvent> {
+    /// What to store for a batch: the events' bytes and IDs copied into one
+    /// buffer, so stored events never pin the upstream chunks they came in,
+    /// at one allocation per batch rather than two per event.
+    fn stored(frames: &VecDeque<Frame>, seqs: &[(usize, u64)], now_ms: u64) -> StoredBatch {
         let event = |i: usize| match &frames[i] {
             Frame::Event(ev) => ev.id().map(|id| (ev, id)),
             Frame::Other(_) => None,
         };
-        let shared_len = |id: &EventId| if id.is_detached() { 0 } else { id.len() };
         let len = seqs
             .iter()
             .filter_map(|&(i, _)| event(i))
-            .map(|(ev, id)| ev.raw().len() + shared_len(id))
+            .map(|(ev, id)| ev.raw().len() + id.len())
             .sum();
-        let mut buf = bytes::BytesMut::with_capacity(len);
-        for &(i, _) in seqs {
+        let mut batch = StoredBatch::builder(seqs.len(), len);
+        for &(i, seq) in seqs {
             if let Some((ev, id)) = event(i) {
-                buf.extend_from_slice(ev.raw());
-                if !id.is_detached() {
-                    buf.extend_from_slice(id.as_bytes());
-                }
+                batch.push(seq, id, ev.raw(), now_ms);
             }
         }
-        let mut buf = buf.freeze();
-        let mut stored = Vec::with_capacity(seqs.len());
-        for &(i, seq) in seqs {
-            let Some((ev, id)) = event(i) else { continue };
-            let raw = buf.split_to(ev.raw().len());
-            let id = if id.is_detached() {
-                id.clone()
-            } else {
-                // The bytes are a copy of a valid ID: validation passes.
-                EventId::new(buf.split_to(id.len())).unwrap_or_else(|_| id.detached())
-            };
-            stored.push(StoredEvent {
-                seq,
-                id,
-                raw,
-                stored_at_ms: now_ms,
-            });
-        }
-        stored
+        batch.finish()
     }
 
-    fn submit(&mut self, stored: Vec<StoredEvent>) -> Option<StoreFuture<()>> {
+    fn submit(&mut self, stored: StoredBatch) -> Option<StoreFuture<()>> {
         if stored.is_empty() || self.failed {
             return None;
         }
@@ -222,18 +200,20 @@ impl Recorder {
             StoreWrites::Durable => {
                 let store = self.target.store.clone();
                 let key = self.target.key.clone();
-                Some(Box::pin(async move { store.append(&key, stored).await }))
+                Some(Box::pin(
+                    async move { store.append_batch(&key, stored).await },
+                ))
             }
             StoreWrites::Async => {
                 let tx = self.async_writes.get_or_insert_with(|| {
-                    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<StoredEvent>>(ASYNC_QUEUE);
+                    let (tx, mut rx) = tokio::sync::mpsc::channel::<StoredBatch>(ASYNC_QUEUE);
                     let store = self.target.store.clone();
                     let key = self.target.key.clone();
                     let registry = self.target.registry.clone();
                     let stream = self.target.stream.clone();
                     tokio::spawn(async move {
                         while let Some(batch) = rx.recv().await {
-                            if let Err(e) = store.append(&key, batch).await {
+                            if let Err(e) = store.append_batch(&key, batch).await {
                                 registry.count(&stream, Counter::StoreErrors, 1);
                                 tracing::warn!(error = %e, "storing SSE events failed");
                             }
@@ -449,7 +429,7 @@ impl Stage for Recorder {
             self.next_batch = frames.len().next_power_of_two().min(MAX_BATCH);
             self.held += frames.len();
             let stored = if seqs.is_empty() || self.failed {
-                Vec::new()
+                StoredBatch::default()
             } else {
                 Self::stored(&frames, &seqs, now_unix_ms())
             };
