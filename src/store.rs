@@ -490,6 +490,9 @@ pub fn classify_missing(
 struct Held {
     batch: StoredBatch,
     front: usize,
+    /// The wire bytes and the memory of the events not trimmed yet.
+    live_bytes: u64,
+    live_memory: u64,
 }
 
 impl Held {
@@ -595,6 +598,7 @@ impl Log {
     /// Appends a batch: the events' order is checked (and indexed if need
     /// be) one by one; the batch is kept as it is.
     fn push(&mut self, batch: StoredBatch) {
+        let (bytes, memory) = (self.bytes, self.memory);
         for k in 0..batch.len() {
             let id = batch.id(k);
             let e = batch.entries[k];
@@ -636,8 +640,38 @@ impl Log {
         }
         if !batch.is_empty() {
             self.len += batch.len();
-            self.batches.push_back(Held { batch, front: 0 });
+            self.batches.push_back(Held {
+                batch,
+                front: 0,
+                live_bytes: self.bytes - bytes,
+                live_memory: self.memory - memory,
+            });
         }
+    }
+
+    /// Trims the oldest events until they free `share` or one is left;
+    /// returns what they freed. Whole batches go while another is left (the
+    /// last may free up to a batch more than `share`), without reading their
+    /// events one by one.
+    fn trim_share(&mut self, share: u64) -> u64 {
+        let mut freed = 0;
+        if let Order::Sequential { .. } = self.order {
+            while self.batches.len() > 1 && freed < share {
+                let Some(h) = self.batches.front() else { break };
+                freed += h.live_memory;
+                self.len -= h.batch.len() - h.front;
+                self.bytes -= h.live_bytes;
+                self.memory -= h.live_memory;
+                self.batches.pop_front();
+            }
+            if self.batches.capacity() > 4 * self.batches.len().max(4) {
+                self.batches.shrink_to(2 * self.batches.len());
+            }
+        }
+        while freed < share && self.len > 1 {
+            freed += self.trim_front();
+        }
+        freed
     }
 
     /// Drops the oldest event; returns the memory that frees (its batch goes
@@ -657,6 +691,8 @@ impl Log {
             self.bytes -= u64::from(e.raw_len);
             freed = entry_memory(&e);
             self.memory -= freed;
+            h.live_bytes -= u64::from(e.raw_len);
+            h.live_memory -= freed;
             if h.front == h.batch.len() {
                 self.batches.pop_front();
                 if self.batches.capacity() > 4 * self.batches.len().max(4) {
@@ -684,7 +720,8 @@ impl Log {
                 let live: Vec<StoredEvent> = h.live().map(|i| h.batch.event(i)).collect();
                 let batch = StoredBatch::from_events(&live);
                 if let Some(h) = self.batches.front_mut() {
-                    *h = Held { batch, front: 0 };
+                    h.batch = batch;
+                    h.front = 0;
                 }
             }
         }
@@ -779,7 +816,8 @@ const MIN_SLOTS: usize = 8;
 /// whose first events were trimmed (a log's only batch, or a batch of over
 /// 1,024 events, is copied down once half of it was). An append
 /// that crosses the budget trims every stream's oldest events, each stream in
-/// proportion to what it holds, down to 90% of the budget. Each stream keeps
+/// proportion to what it holds (whole batches where it can), down to about
+/// 90% of the budget. Each stream keeps
 /// at least its newest event, so the store may exceed the budget by one event
 /// per stream (and then by a tenth of the budget more: a store held over its
 /// budget by the streams' newest events alone is trimmed once per tenth of
@@ -847,10 +885,7 @@ impl Streams {
                 // This stream's share of the excess, rounded up.
                 log.update(&mut self.held, |log| {
                     let share = (log.accounted() as u128 * excess as u128).div_ceil(total) as u64;
-                    let mut freed = 0;
-                    while freed < share && log.len > 1 {
-                        freed += log.trim_front();
-                    }
+                    log.trim_share(share);
                 });
             }
             excess = self.held.saturating_sub(target);
@@ -1337,7 +1372,26 @@ mod tests {
                 .skip(model.len() - 4)
                 .collect::<Vec<_>>()
         );
+        // A share trim: whole batches, then events, and never the newest.
         let mut memory = log.memory;
+        let freed = log.trim_share(memory / 3);
+        let largest = 9 * (5 + 3 + ENTRY as u64);
+        assert!(
+            freed >= memory / 3 && freed < memory / 3 + largest,
+            "{freed}"
+        );
+        memory -= freed;
+        assert_eq!(log.memory, memory);
+        while model.len() > log.len {
+            model.pop_front();
+        }
+        assert!(log.iter().map(|e| e.seq).eq(model.iter().copied()));
+        assert_eq!(log.trim_share(u64::MAX), memory - log.memory);
+        memory = log.memory;
+        assert_eq!(log.len, 1);
+        while model.len() > 1 {
+            model.pop_front();
+        }
         while let Some(front) = model.pop_front() {
             assert_eq!(log.front().map(|e| e.seq), Some(front));
             memory -= log.trim_front();
