@@ -1,5 +1,8 @@
 //! The whole persist stack (Persist -> Dedup -> Track) with redb in the default
 //! durable mode against the memory store, and replay latency for 10,000 events.
+//! Then the proxy's case: 1,000 streams in turn, each body 600 events with the
+//! upstream's numbered IDs, the memory store at its budget (trimming as it
+//! appends), against the same stack without persist in the same run.
 //!
 //! `cargo bench -p tower-sse-persist --bench stack`
 
@@ -149,5 +152,75 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+const STREAMS: u64 = 1000;
+const PER_BODY: u64 = 600;
+
+/// One stream's next body: `PER_BODY` events numbered from `first`, about
+/// 100 bytes each, as `examples/sse_upstream` writes them.
+fn numbered_body(first: u64) -> Bytes {
+    let mut out = String::with_capacity(110 * PER_BODY as usize);
+    for n in first..first + PER_BODY {
+        out.push_str(&format!(
+            "id: {n}\ndata: {{\"seq\":{n},\"sent\":1764780000000000,\"pad\":\"{}\"}}\n\n",
+            "x".repeat(40)
+        ));
+    }
+    Bytes::from(out)
+}
+
+fn many_streams(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("1,000 streams, numbered IDs, memory store at its budget");
+    group.throughput(Throughput::Elements(PER_BODY));
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(10));
+    group.warm_up_time(Duration::from_secs(5));
+    for persist in [true, false] {
+        let registry = Registry::default();
+        let store: Arc<dyn EventStore> = Arc::new(MemoryStore::default());
+        let svc = ServiceBuilder::new()
+            .option_layer(persist.then(|| PersistLayer::new(registry.clone(), store.clone())))
+            .layer(DedupLayer::new(registry.clone()).seed_from(store.clone()))
+            .layer(TrackLayer::new(registry))
+            .service_fn(|req: Request<Bytes>| async move {
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(Full::new(req.into_body()))
+                        .unwrap(),
+                )
+            });
+        let name = if persist {
+            "persist, dedup, track"
+        } else {
+            "dedup, track (no persist)"
+        };
+        let mut turn = 0u64;
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    // Stream `turn % STREAMS`, its next body (built untimed).
+                    let (stream, round) = (turn % STREAMS, turn / STREAMS);
+                    turn += 1;
+                    Request::get(format!("/s/{stream}"))
+                        .body(numbered_body(round * PER_BODY + 1))
+                        .unwrap()
+                },
+                |req| {
+                    rt.block_on(async {
+                        let resp = svc.clone().oneshot(req).await.unwrap();
+                        resp.into_body().collect().await.unwrap().to_bytes().len()
+                    })
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, many_streams);
 criterion_main!(benches);
