@@ -908,6 +908,28 @@ mod tests {
             .unwrap()
     }
 
+    /// A server that answers each connection's first request with `answer`,
+    /// then closes the connection or (`hold`) keeps it open a while.
+    async fn answering(answer: &[u8], hold: bool) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answer = answer.to_vec();
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let _ = tcp.read(&mut [0u8; 4096]).await;
+                    let _ = tcp.write_all(&answer).await;
+                    if hold {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
     async fn body_of(resp: Response<Http1Body>) -> io::Result<Bytes> {
         Ok(resp.into_body().collect().await?.to_bytes())
     }
@@ -961,17 +983,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_without_length_ends_with_the_connection_which_is_not_reused() {
-        let answer =
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: a\n\n".to_vec();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let (mut tcp, _) = listener.accept().await.unwrap();
-                let _ = tcp.read(&mut [0u8; 4096]).await;
-                tcp.write_all(&answer).await.unwrap();
-            }
-        });
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: a\n\n";
+        let addr = answering(answer, false).await;
         let client = Http1Client::new();
         let resp = client.clone().oneshot(get(addr, "/")).await.unwrap();
         assert_eq!(body_of(resp).await.unwrap(), "data: a\n\n");
@@ -984,13 +997,7 @@ mod tests {
             &b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"[..],
             &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nab"[..],
         ] {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(async move {
-                let (mut tcp, _) = listener.accept().await.unwrap();
-                let _ = tcp.read(&mut [0u8; 4096]).await;
-                tcp.write_all(answer).await.unwrap();
-            });
+            let addr = answering(answer, false).await;
             let resp = Http1Client::new().oneshot(get(addr, "/")).await.unwrap();
             let mut body = resp.into_body();
             let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
@@ -1027,15 +1034,8 @@ mod tests {
             ),
         ];
         for (answer, expected) in cases {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(async move {
-                let (mut tcp, _) = listener.accept().await.unwrap();
-                let _ = tcp.read(&mut [0u8; 4096]).await;
-                tcp.write_all(answer).await.unwrap();
-                // Held open: the error must come from the bytes, not the close.
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            });
+            // Held open: the error must come from the bytes, not the close.
+            let addr = answering(answer, true).await;
             let err = match Http1Client::new().oneshot(get(addr, "/")).await {
                 Err(e) => e,
                 Ok(resp) => body_of(resp).await.unwrap_err(),
@@ -1087,19 +1087,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_pooled_connection_the_upstream_closed_is_replaced() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let (mut tcp, _) = listener.accept().await.unwrap();
-                let _ = tcp.read(&mut [0u8; 4096]).await;
-                tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await
-                    .unwrap();
-                // Keep-alive promised, then the connection closed.
-                drop(tcp);
-            }
-        });
+        // Keep-alive promised, then the connection closed.
+        let addr = answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false).await;
         let client = Http1Client::new();
         for _ in 0..3 {
             let resp = client.clone().oneshot(get(addr, "/")).await.unwrap();
