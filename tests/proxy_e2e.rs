@@ -467,11 +467,29 @@ async fn metric(admin: SocketAddr, name: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_upstream_crashes_under_one_client_connection_lose_and_repeat_nothing() {
+    ten_upstream_crashes(&[]).await;
+}
+
+/// The same with hyper-util's client to the upstream instead of `Http1Client`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_hyper_s_client_ten_upstream_crashes_lose_and_repeat_nothing() {
+    ten_upstream_crashes(&["--upstream-client", "hyper"]).await;
+}
+
+async fn ten_upstream_crashes(proxy_args: &[&str]) {
     const TOTAL: u64 = 5000;
     let crash_at: Vec<u64> = (1..=10).map(|k| k * 450).collect();
     let (ticker, upstream, restarts) = ticker_upstream(TOTAL, 10, 0, crash_at.clone()).await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start(any_port(), any_port(), upstream, "memory", dir.path()).await;
+    let proxy = Proxy::start_with(
+        any_port(),
+        any_port(),
+        upstream,
+        "memory",
+        dir.path(),
+        proxy_args,
+    )
+    .await;
 
     let (resp, _conn) = request(proxy.addr, "/events", None).await;
     assert_eq!(resp.status(), StatusCode::OK);
@@ -806,6 +824,32 @@ async fn non_sse_answer_is_proxied_untouched() {
         metric(proxy.admin, "tower_sse_events_delivered_total").await,
         0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_answer_with_a_bad_content_length_gets_the_client_a_502() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // RFC 9112, 6.3: an invalid Content-Length is an unrecoverable error.
+    let listener = TcpListener::bind(any_port()).await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = tcp.read(&mut [0u8; 4096]).await;
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 1x\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(any_port(), any_port(), upstream, "memory", dir.path()).await;
+
+    // Retried within the connect budget (5 s), then answered.
+    let (resp, _conn) = request(proxy.addr, "/events", None).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "{}", proxy.tail());
+    let reason = text(resp).await;
+    assert!(reason.contains("bad upstream content-length"), "{reason}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
