@@ -10,7 +10,9 @@
 //!
 //! Stack, outermost first: catch-panic, trace, health (keep-alives, idle),
 //! persist (history, resume, stamping, linger), dedup, track (cursor, limits),
-//! reconnect (upstream backoff and resume), hyper client.
+//! reconnect (upstream backoff and resume), the upstream client
+//! (`tower_sse_reconnect::client::Http1Client`, or hyper-util's with
+//! `--upstream-client hyper`).
 
 mod common;
 
@@ -298,8 +300,8 @@ const UPSTREAM_MAX_BUF: usize = 64 * 1024;
 #[derive(Clone)]
 enum UpstreamClient {
     Http1(Http1Client),
-    /// Boxed: hyper's client is a few hundred bytes, and every open stream
-    /// holds a clone of this enum.
+    /// Behind an `Arc`: hyper's client is a few hundred bytes, and every open
+    /// stream holds a clone of this enum.
     Hyper(Arc<Client<HttpConnector, Full<Bytes>>>),
 }
 

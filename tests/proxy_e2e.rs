@@ -73,6 +73,11 @@ impl Proxy {
         Proxy::start_with(listen, admin, upstream, store, dir, &[]).await
     }
 
+    /// A proxy on free ports with the memory store, with `extra` arguments.
+    async fn on_memory(upstream: SocketAddr, dir: &Path, extra: &[&str]) -> Proxy {
+        Proxy::start_with(any_port(), any_port(), upstream, "memory", dir, extra).await
+    }
+
     /// [`Proxy::start`] with more command-line arguments.
     async fn start_with(
         listen: SocketAddr,
@@ -481,15 +486,7 @@ async fn ten_upstream_crashes(proxy_args: &[&str]) {
     let crash_at: Vec<u64> = (1..=10).map(|k| k * 450).collect();
     let (ticker, upstream, restarts) = ticker_upstream(TOTAL, 10, 0, crash_at.clone()).await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start_with(
-        any_port(),
-        any_port(),
-        upstream,
-        "memory",
-        dir.path(),
-        proxy_args,
-    )
-    .await;
+    let proxy = Proxy::on_memory(upstream, dir.path(), proxy_args).await;
 
     let (resp, _conn) = request(proxy.addr, "/events", None).await;
     assert_eq!(resp.status(), StatusCode::OK);
@@ -603,7 +600,7 @@ async fn overlapping_upstream_replays_never_reach_the_client_twice() {
     let (ticker, upstream, restarts) =
         ticker_upstream(TOTAL, 5, OVERLAP, vec![200, 500, 800]).await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start(any_port(), any_port(), upstream, "memory", dir.path()).await;
+    let proxy = Proxy::on_memory(upstream, dir.path(), &[]).await;
 
     let (resp, _conn) = request(proxy.addr, "/events", None).await;
     let mut events = sse_events(resp);
@@ -631,15 +628,7 @@ async fn without_dedup_the_overlapping_replays_reach_the_client() {
     const OVERLAP: u64 = 5;
     let (_ticker, upstream, restarts) = ticker_upstream(TOTAL, 5, OVERLAP, vec![100, 200]).await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start_with(
-        any_port(),
-        any_port(),
-        upstream,
-        "memory",
-        dir.path(),
-        &["--without", "dedup"],
-    )
-    .await;
+    let proxy = Proxy::on_memory(upstream, dir.path(), &["--without", "dedup"]).await;
 
     let (resp, _conn) = request(proxy.addr, "/events", None).await;
     let mut events = sse_events(resp);
@@ -843,7 +832,7 @@ async fn an_upstream_answer_with_a_bad_content_length_gets_the_client_a_502() {
         }
     });
     let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start(any_port(), any_port(), upstream, "memory", dir.path()).await;
+    let proxy = Proxy::on_memory(upstream, dir.path(), &[]).await;
 
     // Retried within the connect budget (5 s), then answered.
     let (resp, _conn) = request(proxy.addr, "/events", None).await;
@@ -864,7 +853,7 @@ async fn upstream_that_accepts_and_never_answers_gets_the_client_a_502() {
         }
     });
     let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start(any_port(), any_port(), upstream, "memory", dir.path()).await;
+    let proxy = Proxy::on_memory(upstream, dir.path(), &[]).await;
 
     // The proxy's connect budget is 5 s; STEP bounds the wait.
     let (resp, _conn) = request(proxy.addr, "/events", None).await;
@@ -881,7 +870,7 @@ async fn unreachable_upstream_gets_the_client_a_502() {
     let upstream = gone.local_addr().unwrap();
     drop(gone);
     let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start(any_port(), any_port(), upstream, "memory", dir.path()).await;
+    let proxy = Proxy::on_memory(upstream, dir.path(), &[]).await;
 
     let (resp, _conn) = request(proxy.addr, "/events", None).await;
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
@@ -1002,15 +991,7 @@ async fn a_client_that_stops_reading_is_closed_after_the_send_timeout() {
     let open = Arc::new(AtomicUsize::new(0));
     let upstream = Upstream::start(flood_app(open.clone())).await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start_with(
-        any_port(),
-        any_port(),
-        upstream.addr,
-        "memory",
-        dir.path(),
-        &["--send-timeout", "1"],
-    )
-    .await;
+    let proxy = Proxy::on_memory(upstream.addr, dir.path(), &["--send-timeout", "1"]).await;
 
     let get = format!("GET /flood HTTP/1.1\r\nhost: {}\r\n\r\n", proxy.addr);
     // A reader: takes everything, for three times the timeout.
