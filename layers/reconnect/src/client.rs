@@ -442,6 +442,49 @@ fn parse_head(buf: &[u8]) -> io::Result<Option<(usize, Response<()>)>> {
     Ok(Some((len, resp)))
 }
 
+/// Removes the headers about this connection (RFC 9110, 7.6.1: `Connection`
+/// and the headers it names, `Keep-Alive`, `Proxy-Connection`, `TE`,
+/// `Trailer`, `Transfer-Encoding`, `Upgrade`): the body's framing is
+/// removed already, and a proxy must not forward them. The rest go into a
+/// map of their own size; a proxy's server may keep the map of the response
+/// it wrote for the connection's life (hyper does).
+fn without_connection_headers(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let hop = |name: &HeaderName| {
+        matches!(
+            name.as_str(),
+            "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "upgrade"
+        ) || named.contains(name)
+    };
+    let kept = headers.iter().filter(|(name, _)| !hop(name)).count();
+    if kept == headers.len() {
+        return;
+    }
+    let mut out = HeaderMap::with_capacity(kept);
+    let mut last = None;
+    for (name, value) in std::mem::take(headers) {
+        if let Some(name) = name {
+            last = Some(name);
+        }
+        if let Some(name) = last.as_ref().filter(|n| !hop(n)) {
+            out.append(name.clone(), value);
+        }
+    }
+    *headers = out;
+}
+
 /// How a response body is delimited (RFC 9112, section 6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Framing {
@@ -558,6 +601,8 @@ fn finish(
     // A head whose framing is unusable (RFC 9112, 6.3: a bad or conflicting
     // Content-Length) fails the call: the connection is closed.
     let (framing, reusable) = framing(&resp, no_body)?;
+    let mut resp = resp;
+    without_connection_headers(resp.headers_mut());
     let mut body = Http1Body {
         conn: Some(Conn {
             io,
@@ -949,6 +994,24 @@ mod tests {
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
         let heads = lock(&heads);
         assert!(heads[0].starts_with("GET /a?b=c HTTP/1.1\r\nhost: 127.0.0.1:"));
+    }
+
+    #[tokio::test]
+    async fn headers_about_the_connection_are_not_passed_on() {
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+            transfer-encoding: chunked\r\nconnection: keep-alive, x-hop\r\nx-hop: 1\r\n\
+            keep-alive: timeout=5\r\nx-keep: 2\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            .to_vec();
+        let (addr, accepted, _) = server(vec![answer]).await;
+        let client = Http1Client::new();
+        for _ in 0..2 {
+            let resp = client.clone().oneshot(get(addr, "/")).await.unwrap();
+            let names: Vec<&str> = resp.headers().keys().map(|k| k.as_str()).collect();
+            assert_eq!(names, ["content-type", "x-keep"]);
+            assert_eq!(body_of(resp).await.unwrap(), "abc");
+        }
+        // Framing and reuse were read before the headers went.
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
