@@ -310,9 +310,8 @@ type UpstreamBody = Either<Http1Body, Incoming>;
 impl UpstreamClient {
     fn new(kind: ClientKind) -> Self {
         match kind {
-            ClientKind::Http1 => {
-                UpstreamClient::Http1(Http1Client::new().pool_idle_timeout(Duration::from_secs(30)))
-            }
+            // Idle connections kept 30 s, as hyper's below.
+            ClientKind::Http1 => UpstreamClient::Http1(Http1Client::new()),
             ClientKind::Hyper => {
                 let mut builder = Client::builder(TokioExecutor::new());
                 builder

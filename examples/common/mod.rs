@@ -50,31 +50,9 @@ pub async fn serve(app: axum::Router) -> Result<(), Box<dyn std::error::Error>> 
     Ok(())
 }
 
-/// Headers that belong to one hop, not to the exchange (RFC 9110 7.6.1).
-const HOP_BY_HOP: [http::HeaderName; 8] = [
-    http::header::CONNECTION,
-    http::HeaderName::from_static("keep-alive"),
-    http::header::PROXY_AUTHENTICATE,
-    http::header::PROXY_AUTHORIZATION,
-    http::header::TE,
-    http::header::TRAILER,
-    http::header::TRANSFER_ENCODING,
-    http::header::UPGRADE,
-];
-
-/// Removes hop-by-hop headers, and those the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    let named: Vec<http::HeaderName> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| http::HeaderName::try_from(n.trim()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(named.iter()) {
-        headers.remove(name);
-    }
-}
+/// Removes hop-by-hop headers, and those the `Connection` header names
+/// (the upstream client's own, so requests and responses lose the same ones).
+pub use tower_sse_reconnect::client::strip_hop_by_hop;
 
 /// Rewrites a client request into the upstream request: the upstream's base
 /// URL with the request's path and query appended, HTTP/1.1, no hop-by-hop

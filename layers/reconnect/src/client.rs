@@ -65,7 +65,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower_service::Service;
@@ -238,7 +238,10 @@ fn invalid(msg: impl Into<String>) -> io::Error {
 
 async fn send(pool: Arc<Pool>, req: Request<Full<Bytes>>) -> io::Result<Response<Http1Body>> {
     let (parts, body) = req.into_parts();
-    let body = full_bytes(body);
+    let body = match body.collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(never) => match never {},
+    };
     let uri = &parts.uri;
     match uri.scheme_str() {
         None | Some("http") => {}
@@ -290,16 +293,6 @@ async fn send(pool: Arc<Pool>, req: Request<Full<Bytes>>) -> io::Result<Response
     match exchange(io, &head, &body).await {
         Ok((io, resp, rest)) => finish(pool, pool_key, io, resp, rest, no_body),
         Err(Exchange::NotSent(e) | Exchange::BeforeAnswer(e) | Exchange::Failed(e)) => Err(e),
-    }
-}
-
-/// The request body's bytes (a `Full` body is one frame or none).
-fn full_bytes(body: Full<Bytes>) -> Bytes {
-    let mut body = std::pin::pin!(body);
-    let waker = std::task::Waker::noop();
-    match body.as_mut().poll_frame(&mut Context::from_waker(waker)) {
-        Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
-        _ => Bytes::new(),
     }
 }
 
@@ -442,31 +435,50 @@ fn parse_head(buf: &[u8]) -> io::Result<Option<(usize, Response<()>)>> {
     Ok(Some((len, resp)))
 }
 
-/// Removes the headers about this connection (RFC 9110, 7.6.1: `Connection`
-/// and the headers it names, `Keep-Alive`, `Proxy-Connection`, `TE`,
-/// `Trailer`, `Transfer-Encoding`, `Upgrade`): the body's framing is
-/// removed already, and a proxy must not forward them. The rest go into a
-/// map of their own size; a proxy's server may keep the map of the response
-/// it wrote for the connection's life (hyper does).
-fn without_connection_headers(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
+/// The comma-separated tokens of every `name` header, trimmed, lowercase.
+fn header_tokens(headers: &HeaderMap, name: HeaderName) -> Vec<String> {
+    headers
+        .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Removes the hop-by-hop headers (RFC 9110, 7.6.1): `Connection` and the
+/// headers it names, `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`,
+/// `Proxy-Authorization`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`.
+/// A proxy must not forward them, either way. The other headers keep their
+/// order, in a map of their own size (a proxy's server may keep the map of
+/// the response it wrote for the connection's life, as hyper does).
+///
+/// ```
+/// use http::HeaderMap;
+/// let mut headers = HeaderMap::new();
+/// headers.insert("connection", "keep-alive, x-hop".parse().unwrap());
+/// headers.insert("x-hop", "1".parse().unwrap());
+/// headers.insert("transfer-encoding", "chunked".parse().unwrap());
+/// headers.insert("content-type", "text/event-stream".parse().unwrap());
+/// tower_sse_reconnect::client::strip_hop_by_hop(&mut headers);
+/// assert_eq!(headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["content-type"]);
+/// ```
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named = header_tokens(headers, CONNECTION);
     let hop = |name: &HeaderName| {
         matches!(
             name.as_str(),
             "connection"
                 | "keep-alive"
                 | "proxy-connection"
+                | "proxy-authenticate"
+                | "proxy-authorization"
                 | "te"
                 | "trailer"
                 | "transfer-encoding"
                 | "upgrade"
-        ) || named.contains(name)
+        ) || named.iter().any(|n| n == name.as_str())
     };
     let kept = headers.iter().filter(|(name, _)| !hop(name)).count();
     if kept == headers.len() {
@@ -536,17 +548,7 @@ const CHUNK_START: Chunked = Chunked::Size {
 
 fn framing(resp: &Response<()>, no_body: bool) -> io::Result<(Framing, bool)> {
     let headers = resp.headers();
-    let tokens = |name: HeaderName| {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|t| t.trim().to_ascii_lowercase())
-            .filter(|t| !t.is_empty())
-            .collect::<Vec<_>>()
-    };
-    let connection = tokens(CONNECTION);
+    let connection = header_tokens(headers, CONNECTION);
     let mut reusable = if resp.version() == Version::HTTP_10 {
         connection.iter().any(|t| t == "keep-alive")
     } else {
@@ -557,7 +559,7 @@ fn framing(resp: &Response<()>, no_body: bool) -> io::Result<(Framing, bool)> {
         return Ok((Framing::Done, reusable));
     }
     if headers.contains_key(TRANSFER_ENCODING) {
-        let codings = tokens(TRANSFER_ENCODING);
+        let codings = header_tokens(headers, TRANSFER_ENCODING);
         if headers.contains_key(CONTENT_LENGTH) || resp.version() == Version::HTTP_10 {
             // RFC 9112, 6.1 and 6.3: transfer coding wins over a length, and
             // such a message (or one in HTTP/1.0) closes the connection.
@@ -602,7 +604,7 @@ fn finish(
     // Content-Length) fails the call: the connection is closed.
     let (framing, reusable) = framing(&resp, no_body)?;
     let mut resp = resp;
-    without_connection_headers(resp.headers_mut());
+    strip_hop_by_hop(resp.headers_mut());
     let mut body = Http1Body {
         conn: Some(Conn {
             io,
